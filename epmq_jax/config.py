@@ -1,0 +1,219 @@
+"""Experiment configs: load a config file and apply command-line overrides.
+
+A config file is a Python file with a ``get_config()`` function that returns an
+``ml_collections.ConfigDict`` (the big_vision convention). ``get_config`` may take one string
+argument, passed as ``--config path/to/file.py:arg``. The config's *name* is the file's stem
+(``configs/offline_8task.py`` -> ``offline_8task``); it names the default run directory.
+
+Overrides follow ml_collections' ``config_flags``: ``--config.quant.bits=3`` (or
+``--config.quant.bits 3``). A value is parsed against the type of the value it replaces:
+
+- bool: ``true/false``, ``1/0``, ``yes/no`` (any case);
+- int, float, str: the Python constructor (an int is accepted where a float is);
+- tuple / list: a Python literal (``"(4,3)"``) or comma-separated items (``4,3``), each
+  item parsed against the type of the existing first item;
+- None (or an ``ml_collections`` placeholder): a Python literal if one parses, else the string.
+
+An unknown key or a value of the wrong type raises :class:`ConfigError` with a one-line
+message (naming close matches for an unknown key).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+OVERRIDE_PREFIX = "--config."
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be loaded, or an override that does not fit the config."""
+
+
+def config_name(path: str | Path) -> str:
+    """The config's name: the stem of its file (``configs/offline_8task.py:tiny`` -> ``offline_8task``)."""
+    return Path(str(path).split(":", 1)[0]).stem
+
+
+def load_config(spec: str | Path) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from a Python config file.
+
+    Args:
+      spec: ``"path/to/file.py"`` or ``"path/to/file.py:arg"`` (then ``get_config(arg)`` is called).
+
+    Returns:
+      The ConfigDict, with ``name`` set to the file's stem if the config has no ``name`` of its own.
+
+    Raises:
+      ConfigError: the file does not exist, does not define ``get_config``, or it does not
+        return a ConfigDict.
+    """
+    path_s, _, arg = str(spec).partition(":")
+    path = Path(path_s)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path_s}")
+    module_spec = importlib.util.spec_from_file_location(f"_epmq_config_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"config file is not a Python file: {path_s}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        raise ConfigError(f"config file {path_s} defines no get_config()")
+    cfg = get_config(arg) if arg else get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"get_config() in {path_s} returned {type(cfg).__name__}, expected ml_collections.ConfigDict")
+    if "name" not in cfg:
+        cfg.name = path.stem
+    return cfg
+
+
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a ConfigDict (sections themselves excluded), in insertion order."""
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            out.extend(flat_keys(v, key + "."))
+        else:
+            out.append(key)
+    return out
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_value(key: str, text: str, like: Any, like_type: type | None = None) -> Any:
+    """Parses the command-line string ``text`` as a value of the type of ``like``.
+
+    Args:
+      key: the dotted key (for the error message).
+      text: the string given on the command line.
+      like: the value currently in the config.
+      like_type: the declared type when ``like`` is None (an ml_collections placeholder).
+
+    Raises:
+      ConfigError: ``text`` cannot be read as that type.
+    """
+    typ = type(like) if like is not None else like_type
+    if typ is None or typ is type(None):
+        return _literal(text)
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+        if typ in (tuple, list):
+            parsed = _literal(text)
+            if isinstance(parsed, str) or not isinstance(parsed, tuple | list):
+                parsed = [p.strip() for p in text.split(",") if p.strip()] if text.strip() else []
+            if like:
+                parsed = [parse_value(key, str(p), like[0]) if isinstance(p, str) else p for p in parsed]
+                item_t = type(like[0])
+                bad = [p for p in parsed
+                       if not isinstance(p, item_t) and not (item_t is float and isinstance(p, int))]
+                if bad:
+                    raise ValueError
+            return typ(parsed)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"--config.{key}={text!r}: expected {typ.__name__}"
+            + (f" of {type(like[0]).__name__}" if typ in (tuple, list) and like else "")
+            + f" (current value {like!r})") from None
+    parsed = _literal(text)
+    if not isinstance(parsed, typ):
+        raise ConfigError(f"--config.{key}={text!r}: expected {typ.__name__} (current value {like!r})")
+    return parsed
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets the dotted ``key`` of ``cfg`` (in place) to ``text`` parsed against the existing value.
+
+    Raises:
+      ConfigError: unknown key (the message lists close matches), a key naming a whole section,
+        or a value of the wrong type.
+    """
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            matches = difflib.get_close_matches(key, flat_keys(cfg), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--config.' + m for m in matches)}?" if matches else ""
+            raise ConfigError(f"unknown config key --config.{key}{hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    leaf = parts[-1]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"--config.{key} is a section, not a value; set one of its keys, e.g. "
+            f"--config.{key}.{next(iter(current.keys()), '...')}")
+    value = parse_value(key, text, current, node.get_type(leaf))
+    with node.unlocked():
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"--config.{key}={text!r}: {e}") from None
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Separates ``--config.a.b=v`` / ``--config.a.b v`` arguments from the rest.
+
+    Returns:
+      ``([(dotted_key, value_text), ...], remaining_args)``.
+
+    Raises:
+      ConfigError: an override without a value.
+    """
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            body = arg[len(OVERRIDE_PREFIX):]
+            if "=" in body:
+                k, v = body.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                k, v = body, argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            if not k:
+                raise ConfigError(f"{arg}: empty config key")
+            overrides.append((k, v))
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def load_with_overrides(spec: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """:func:`load_config` followed by :func:`apply_override` for each ``(key, text)``, in order."""
+    cfg = load_config(spec)
+    for k, v in overrides:
+        apply_override(cfg, k, v)
+    return cfg

@@ -1,0 +1,357 @@
+"""Result rows of a benchmark run, and their outputs: results.json / .md / .csv and the terminal table.
+
+A run produces a list of **rows**, one per table row (a model variant scored on every task).
+A row is a plain dict (JSON-ready) with these keys (:data:`ROW_KEYS`):
+
+- ``merge``: ``"expert"`` (the FP experts, each task scored by its own expert), ``"ta"``,
+  ``"ties"``, ``"regmean"``, ...
+- ``method``: ``"fp"``, ``"rtn"``, ``"gptq"``, ``"awq"``, ``"epmq"`` or ``"epmq_unrounded"``.
+  RegMean is ``merge="regmean", method="fp"``.
+- ``bits``: int, or None for float rows.
+- ``avg``: mean of ``per_task`` (percent); ``per_task``: task name -> test accuracy (percent).
+- the E-PMQ switches ``lam``, ``anchor``, ``target``, ``alpha`` (the ``mix`` weight),
+  ``task_weights``, ``rounding`` (None on rows that are not E-PMQ);
+- ``default``: True on the row that stands as *the* E-PMQ result of its (merge, bits);
+- ``block``: ``"main"`` (the headline table), ``"sweep"`` (anchor strength λ sweep) or
+  ``"ablation"`` (target-input / anchor-form switches). The default E-PMQ row lives in
+  ``"main"``; the sweep and ablation tables show it beside their own rows;
+- ``merge_scaling``: the merge coefficient used (chosen on validation), None where not applicable.
+
+:func:`make_row` builds a row and checks it. Writers: :func:`write_json`, :func:`write_csv`,
+:func:`write_markdown`; readers :func:`read_json`, :func:`read_csv`; :func:`format_table` renders
+the same blocks for the terminal.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+SWITCH_KEYS = ("lam", "anchor", "target", "alpha", "task_weights", "rounding")
+ROW_KEYS = ("merge", "method", "bits", "block", "default", "merge_scaling", *SWITCH_KEYS,
+            "avg", "per_task")
+METHODS = ("fp", "rtn", "gptq", "awq", "epmq", "epmq_unrounded")
+BLOCKS = ("main", "sweep", "ablation")
+MERGE_NAMES = {"expert": "FP experts", "ta": "Task Arithmetic", "ties": "TIES-Merging",
+               "regmean": "RegMean", "average": "Averaging"}
+METHOD_NAMES = {"fp": "FP merge", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "epmq": "E-PMQ",
+                "epmq_unrounded": "E-PMQ unrounded (FP)"}
+
+
+def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: int | None = None,
+             block: str = "main", default: bool = False, merge_scaling: float | None = None,
+             **switches: Any) -> dict[str, Any]:
+    """Builds one result row (see the module docstring) and checks it.
+
+    Args:
+      merge, method, bits, block, default, merge_scaling: as in the row schema.
+      per_task: task name -> accuracy in percent (0..100).
+      **switches: E-PMQ switches (``lam``, ``anchor``, ``target``, ``alpha``, ``task_weights``,
+        ``rounding``); missing ones are None.
+
+    Raises:
+      ValueError: unknown method/block/switch, bits given for a float method (or missing for
+        a quantized one), or an accuracy that is not a finite percentage.
+    """
+    if method not in METHODS:
+        raise ValueError(f"row method {method!r}: expected one of {METHODS}")
+    if block not in BLOCKS:
+        raise ValueError(f"row block {block!r}: expected one of {BLOCKS}")
+    unknown = set(switches) - set(SWITCH_KEYS)
+    if unknown:
+        raise ValueError(f"row switches {sorted(unknown)}: expected only {SWITCH_KEYS}")
+    float_method = method in ("fp", "epmq_unrounded")
+    if float_method != (bits is None):
+        raise ValueError(f"row ({merge}, {method}): bits={bits!r}, expected "
+                         + ("None for a float method" if float_method else "an int for a quantized method"))
+    if not per_task:
+        raise ValueError(f"row ({merge}, {method}, {bits}): per_task is empty")
+    for task, acc in per_task.items():
+        if not (isinstance(acc, int | float) and math.isfinite(acc) and 0.0 <= acc <= 100.0):
+            raise ValueError(f"row ({merge}, {method}, {bits}): per_task[{task!r}]={acc!r}, "
+                             "expected a finite percentage in [0, 100]")
+    per = {str(k): float(v) for k, v in per_task.items()}
+    row = {"merge": merge, "method": method, "bits": None if bits is None else int(bits),
+           "block": block, "default": bool(default),
+           "merge_scaling": None if merge_scaling is None else float(merge_scaling)}
+    row.update({k: switches.get(k) for k in SWITCH_KEYS})
+    row["avg"] = sum(per.values()) / len(per)
+    row["per_task"] = per
+    return row
+
+
+def row_label(row: Mapping[str, Any], *, with_merge: bool = False) -> str:
+    """A short human label: ``"GPTQ w4"``, ``"E-PMQ w4 λ=0.1"``, ``"FP experts"``, ``"RegMean (FP)"``."""
+    merge, method, bits = row["merge"], row["method"], row["bits"]
+    if merge == "expert":
+        return "FP experts"
+    if merge == "regmean":
+        return "RegMean (FP)"
+    label = METHOD_NAMES.get(method, method)
+    if bits is not None:
+        label += f" w{bits}"
+    if row.get("block", "main") != "main":
+        label += " " + switch_label(row)
+    if with_merge:
+        label = f"{MERGE_NAMES.get(merge, merge)}: {label}"
+    return label
+
+
+def switch_label(row: Mapping[str, Any], keys: Sequence[str] = ("lam", "target", "anchor", "rounding")) -> str:
+    """The E-PMQ switches of a row, e.g. ``"λ=0.1 target=expert anchor=output rounding=gptq"``."""
+    parts = []
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        if key == "lam":
+            parts.append(f"λ={value:g}")
+        elif key == "target" and value == "mix" and row.get("alpha") is not None:
+            parts.append(f"target=mix({row['alpha']:g})")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def tasks_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Task names in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for t in r["per_task"]:
+            seen.setdefault(t, None)
+    return list(seen)
+
+
+def default_row(rows: Sequence[Mapping[str, Any]], merge: str, bits: int) -> Mapping[str, Any] | None:
+    """The default E-PMQ row of (merge, bits), or None."""
+    for r in rows:
+        if r["merge"] == merge and r["bits"] == bits and r["method"] == "epmq" and r["default"]:
+            return r
+    return None
+
+
+def table_blocks(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[Mapping[str, Any]]]]:
+    """Groups rows into the table's blocks, in display order.
+
+    Returns:
+      ``[(kind, title, rows), ...]`` with kind ``"main"``, ``"sweep"`` or ``"ablation"``: the shared float rows (experts, RegMean); one block per merge
+      method (FP merge, E-PMQ unrounded, then RTN/GPTQ/AWQ/E-PMQ at each bit width, widest
+      first); then per (merge, bits) the λ sweep (with the default row, by λ) and the switch
+      ablations (default row first).
+    """
+    main = [r for r in rows if r["block"] == "main"]
+    shared = [r for r in main if r["merge"] in ("expert", "regmean")]
+    out: list[tuple[str, str, list[Mapping[str, Any]]]] = []
+    if shared:
+        out.append(("main", "Full precision, no merge method", shared))
+    merges = list(dict.fromkeys(r["merge"] for r in rows if r["merge"] not in ("expert", "regmean")))
+    order = {m: i for i, m in enumerate(METHODS)}
+    for merge in merges:
+        mrows = [r for r in main if r["merge"] == merge]
+        floats = sorted((r for r in mrows if r["bits"] is None), key=lambda r: order[r["method"]])
+        quant = sorted((r for r in mrows if r["bits"] is not None),
+                       key=lambda r: (-r["bits"], order[r["method"]]))
+        scaling = next((r["merge_scaling"] for r in mrows if r["merge_scaling"] is not None), None)
+        title = MERGE_NAMES.get(merge, merge) + (f" (merge coefficient {scaling:g})" if scaling is not None else "")
+        if floats or quant:
+            out.append(("main", title, floats + quant))
+    for block, what in (("sweep", "anchor strength λ"), ("ablation", "switches")):
+        keys = list(dict.fromkeys((r["merge"], r["bits"]) for r in rows if r["block"] == block))
+        for merge, bits in keys:
+            brows = [r for r in rows if r["block"] == block and r["merge"] == merge and r["bits"] == bits]
+            d = default_row(rows, merge, bits)
+            if d is not None:
+                brows = [d, *brows]
+            if block == "sweep":
+                brows = sorted(brows, key=lambda r: r["lam"] if r["lam"] is not None else -1.0)
+            bits_s = "FP" if bits is None else f"{bits} bits"
+            out.append((block, f"E-PMQ {what}, {MERGE_NAMES.get(merge, merge)}, {bits_s}", brows))
+    return out
+
+
+def _block_label(row: Mapping[str, Any], block: str) -> str:
+    """Inside a sweep/ablation block the title names merge and bits: the label is the switches."""
+    if block == "main":
+        return row_label(row)
+    keys = ("lam",) if block == "sweep" else ("target", "anchor", "rounding", "lam")
+    return switch_label(row, keys) + (" (default)" if row["default"] else "")
+
+
+def _short(task: str, width: int) -> str:
+    return task if len(task) <= width else task[: width - 1] + "…"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = None, col_width: int = 7) -> str:
+    """Renders the rows as a fixed-width text table: per-task accuracies and their average, by block."""
+    tasks = tasks_of(rows)
+    blocks = table_blocks(rows)
+    label_w = max([len(_block_label(r, k)) for k, _, b in blocks for r in b] + [24]) + 2
+    header = " " * label_w + "".join(f"{_short(t, col_width):>{col_width + 1}}" for t in tasks) + f"{'avg':>{col_width + 1}}"
+    lines = [title] if title else []
+    lines.append(header)
+    for kind, btitle, brows in blocks:
+        lines.append(f"-- {btitle} " + "-" * max(0, len(header) - len(btitle) - 4))
+        for r in brows:
+            cells = "".join(f"{r['per_task'].get(t, float('nan')):>{col_width + 1}.1f}" for t in tasks)
+            lines.append(f"{_block_label(r, kind):<{label_w}}{cells}{r['avg']:>{col_width + 1}.1f}")
+    return "\n".join(lines)
+
+
+def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The same blocks as :func:`format_table`, as GitHub markdown tables (one per block)."""
+    tasks = tasks_of(rows)
+    out = []
+    for kind, btitle, brows in table_blocks(rows):
+        out.append(f"### {btitle}\n")
+        out.append("| variant | " + " | ".join(tasks) + " | avg |")
+        out.append("|---|" + "---:|" * (len(tasks) + 1))
+        for r in brows:
+            cells = " | ".join(f"{r['per_task'].get(t, float('nan')):.1f}" for t in tasks)
+            out.append(f"| {_block_label(r, kind)} | {cells} | **{r['avg']:.1f}** |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions (python, jax, jaxlib, flax, numpy, optax, orbax) and the machine (platform, CPUs, devices)."""
+    import importlib.metadata as md
+
+    import jax
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "numpy", "optax", "orbax-checkpoint", "epmq-jax"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    devices = jax.devices()
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind if devices else None,
+        "device_count": len(devices),
+    }
+    return {"versions": versions, "machine": machine}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return x.item()
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- writers / readers
+
+
+def write_json(path: str | Path, rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any] | None = None,
+               timings: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Writes results.json: ``rows``, ``tasks``, ``config``, ``versions``, ``machine``, ``timings``, ``created``.
+
+    The file is written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    env = environment_info()
+    doc = {
+        "rows": [dict(r) for r in rows],
+        "tasks": tasks_of(rows),
+        "config": dict(config or {}),
+        "versions": env["versions"],
+        "machine": env["machine"],
+        "timings": dict(timings or {}),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    doc.update(extra or {})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Reads results.json (see :func:`write_json`); raises ValueError if it has no ``rows``."""
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{path}: not a results.json (expected an object with a 'rows' list)")
+    return doc
+
+
+_CSV_FIXED = ("merge", "method", "bits", "block", "default", "merge_scaling", *SWITCH_KEYS, "avg")
+_CSV_TYPES = {"bits": int, "merge_scaling": float, "lam": float, "alpha": float, "avg": float}
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Writes results.csv: the fixed row columns, then one column per task (accuracy, percent).
+
+    Empty cells stand for None; :func:`read_csv` reads the rows back.
+    """
+    tasks = tasks_of(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*_CSV_FIXED, *tasks])
+        for r in rows:
+            fixed = ["" if r.get(k) is None else repr(r[k]) if isinstance(r[k], float) else r[k]
+                     for k in _CSV_FIXED]
+            w.writerow([*fixed, *(repr(r["per_task"][t]) if t in r["per_task"] else "" for t in tasks)])
+    return Path(path)
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Reads results.csv back into rows (same keys and types as written)."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        tasks = header[len(_CSV_FIXED):]
+        rows = []
+        for cells in reader:
+            row: dict[str, Any] = {}
+            for k, v in zip(_CSV_FIXED, cells):
+                if v == "":
+                    row[k] = None
+                elif k == "default":
+                    row[k] = v == "True"
+                else:
+                    row[k] = _CSV_TYPES.get(k, str)(v)
+            row["per_task"] = {t: float(v) for t, v in zip(tasks, cells[len(_CSV_FIXED):]) if v != ""}
+            rows.append({k: row[k] for k in ROW_KEYS})
+    return rows
+
+
+def write_markdown(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "Results",
+                   notes: Iterable[str] = (), timings: Mapping[str, float] | None = None) -> Path:
+    """Writes results.md: a title, notes (e.g. the split used), the table blocks, and the timings."""
+    env = environment_info()
+    parts = [f"# {title}\n"]
+    parts += [f"{n}\n" for n in notes]
+    parts.append(format_markdown(rows))
+    if timings:
+        parts.append("### Timings (s)\n")
+        parts.append("| step | seconds |\n|---|---:|")
+        parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+        parts.append("")
+    m = env["machine"]
+    parts.append(f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device_kind']}).  ")
+    parts.append("Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + "\n")
+    Path(path).write_text("\n".join(parts))
+    return Path(path)

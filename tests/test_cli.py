@@ -1,0 +1,163 @@
+"""The `epmq` command line and config overrides: help texts, one-line errors, override parsing."""
+
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import pytest
+
+from epmq_jax import cli
+from epmq_jax.config import (
+    ConfigError,
+    apply_override,
+    config_name,
+    load_config,
+    load_with_overrides,
+    split_override_args,
+)
+
+CONFIG = textwrap.dedent('''
+    import ml_collections
+
+    def get_config(arg=None):
+        c = ml_collections.ConfigDict()
+        c.quant = dict(bits=(4, 3), group_size=64, symmetric=False, damp=0.01)
+        c.calib = dict(lam=0.1, anchor="output", n_per_task=256)
+        c.merge = dict(methods=("ta", "ties"), scaling=ml_collections.config_dict.placeholder(float))
+        c.size = arg or "full"
+        return c
+''')
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "my_exp.py"
+    p.write_text(CONFIG)
+    return p
+
+
+def run_main(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("cmd", ["run", "merge", "quantize", "eval", "report"])
+def test_every_subcommand_has_help_with_examples(capsys, cmd):
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: epmq {cmd}")
+    assert "examples:" in out and f"epmq {cmd} --" in out
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("run", "merge", "quantize", "eval", "report"):
+        assert f"    {cmd} " in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "required: COMMAND"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["run"], "required: --config"),
+    (["run", "--config", "no/such/file.py"], "config file not found: no/such/file.py"),
+    (["quantize", "--config", "x.py", "--bits", "9"], "invalid choice: 9"),
+    (["quantize", "--config", "x.py", "--bits", "four"], "invalid int value: 'four'"),
+    (["merge", "--config", "x.py"], "required: --method"),
+    (["eval"], "required: --checkpoint"),
+    (["eval", "--checkpoint", "/no/such/ckpt"], "no checkpoint directory at /no/such/ckpt"),
+    (["report", "--workdir", "/no/such/run"], "no results file at /no/such/run/results.json"),
+    (["run", "--bogus", "--config", "x.py"], "unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_line(capsys, argv, needle):
+    rc, out, err = run_main(capsys, *argv)
+    assert rc == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("epmq") and ": error: " in err and needle in err
+    assert "Traceback" not in err
+
+
+def test_bad_override_is_one_line_with_close_matches(capsys, cfg_file):
+    rc, _, err = run_main(capsys, "run", "--config", str(cfg_file), "--config.quant.bitz=3")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "unknown config key --config.quant.bitz" in err and "--config.quant.bits" in err
+    rc, _, err = run_main(capsys, "run", "--config", str(cfg_file), "--config.calib.lam=big")
+    assert rc == 2 and "expected float" in err and "Traceback" not in err
+    rc, _, err = run_main(capsys, "run", "--config", str(cfg_file), "--config.quant")
+    assert rc == 2 and "needs a value" in err
+
+
+def test_config_without_get_config_is_an_error(capsys, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    rc, _, err = run_main(capsys, "run", "--config", str(bad))
+    assert rc == 2 and "defines no get_config()" in err
+
+
+def test_installed_script_module_gives_one_line_error():
+    # A fresh interpreter: no traceback reaches the user even before jax is imported.
+    r = subprocess.run([sys.executable, "-m", "epmq_jax.cli", "run", "--config", "missing.py"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "epmq run: error: config file not found: missing.py"
+
+
+def test_load_config_name_and_arg(cfg_file):
+    cfg = load_config(cfg_file)
+    assert cfg.name == "my_exp" == config_name(cfg_file) == config_name(f"{cfg_file}:tiny")
+    assert load_config(f"{cfg_file}:tiny").size == "tiny"
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("quant.group_size", "128", 128),
+    ("quant.damp", "0.1", 0.1),
+    ("quant.damp", "1", 1.0),            # an int where a float is: accepted, stays float
+    ("quant.symmetric", "True", True),
+    ("quant.symmetric", "no", False),
+    ("quant.bits", "3", (3,)),           # a single item for a tuple
+    ("quant.bits", "4,3,2", (4, 3, 2)),
+    ("quant.bits", "(2, 8)", (2, 8)),
+    ("calib.anchor", "weight", "weight"),
+    ("merge.methods", "ties", ("ties",)),
+    ("merge.scaling", "0.4", 0.4),       # a typed placeholder
+])
+def test_override_parsing(cfg_file, key, text, expected):
+    cfg = load_with_overrides(cfg_file, [(key, text)])
+    section, leaf = key.split(".")
+    got = cfg[section][leaf]
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("key, text, needle", [
+    ("quant.group_size", "1.5", "expected int"),
+    ("quant.symmetric", "maybe", "expected bool"),
+    ("quant.bits", "4,x", "expected tuple of int"),
+    ("merge.scaling", "abc", "expected float"),
+    ("quant", "3", "is a section"),
+    ("nosuch.key", "1", "unknown config key --config.nosuch.key"),
+    ("calib.lamb", "1", "did you mean --config.calib.lam"),
+])
+def test_override_errors(cfg_file, key, text, needle):
+    cfg = load_config(cfg_file)
+    with pytest.raises(ConfigError) as e:
+        apply_override(cfg, key, text)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_split_override_args_both_forms():
+    ov, rest = split_override_args(["run", "--config.a.b=1", "--config", "f.py", "--config.c", "x y", "--workdir", "w"])
+    assert ov == [("a.b", "1"), ("c", "x y")]
+    assert rest == ["run", "--config", "f.py", "--workdir", "w"]
+
+
+def test_overrides_apply_in_order():
+    cfg = ml_collections.ConfigDict({"q": {"bits": 4}})
+    apply_override(cfg, "q.bits", "3")
+    apply_override(cfg, "q.bits", "2")
+    assert cfg.q.bits == 2
