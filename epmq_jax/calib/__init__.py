@@ -1,0 +1,24 @@
+"""Calibration: per-layer statistics, layer objectives (GPTQ, E-PMQ, RegMean), the anchored
+solve, and the sequential block-by-block driver over Flax models (METHOD.md §4, §6).
+"""
+
+from epmq_jax.calib.layer import epmq_layer
+from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
+from epmq_jax.calib.solve import round_weight, solve, solve_layer
+from epmq_jax.calib.stats import Moments, accumulate, fold_task, moments, task_weight
+
+__all__ = [
+    "Moments",
+    "Objective",
+    "System",
+    "accumulate",
+    "epmq_layer",
+    "fold_task",
+    "layer_system",
+    "moments",
+    "objective_value",
+    "round_weight",
+    "solve",
+    "solve_layer",
+    "task_weight",
+]

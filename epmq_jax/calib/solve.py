@@ -1,0 +1,192 @@
+"""The anchored least-squares solve W* = H⁻¹B and the rounders that turn (W*, H) into codes.
+
+Damping follows GPTQ's policy (METHOD.md §5): a dead input (diag H = 0) gets H_ii = 1, then
+δ·mean(diag H) is added to the diagonal (δ = ``damp``), and δ is raised tenfold while the
+Cholesky factorisation fails; the δ actually used is reported. In the solve the damping is
+centred on the merged kernel: we solve (H + δμI)W = B + δμW_m (μ = mean diag H), i.e. δ acts
+as a tiny weight anchor toward W_m rather than a pull toward 0. Hence W* = W_m exactly when
+B = HW_m (GPTQ's objective, or a single expert equal to the merge), whatever δ; a dead input
+keeps its W_m row; and with δ = 0 on a positive-definite H the solve is the exact H⁻¹B.
+
+Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``)
+or ``none`` (W* itself, float).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
+from epmq_jax.calib.stats import Moments
+
+Rounding = Literal["gptq", "rtn", "none"]
+ROUNDINGS = ("gptq", "rtn", "none")
+_HI = jax.lax.Precision.HIGHEST
+_MAX_TRIES = 8
+
+
+def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dead inputs (diag H = 0): H_ii = 1 and B_i = center_i, so W*_i = center_i."""
+    dead = jnp.diag(h) == 0
+    h = h + jnp.diag(dead.astype(h.dtype))
+    b = jnp.where(dead[:, None], center, b)
+    return h, b
+
+
+def damped_cholesky(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Lower Cholesky factor of H + δ·mean(diag H)·I, raising δ tenfold until it exists.
+
+    Args:
+      h: symmetric ``(d, d)`` float32 with a positive diagonal (dead inputs fixed first).
+      damp: the first δ (relative to mean diag H). With δ = 0 the retries start at 1e-6.
+
+    Returns:
+      ``(L, δ_used, ok)``; ``ok`` is False when even the last retry failed (L holds NaN).
+    """
+    mu = jnp.mean(jnp.diag(h))
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+
+    def attempt(k):
+        d = jnp.where(k == 0, damp, jnp.maximum(damp, 1e-7) * 10.0 ** k)
+        chol = jnp.linalg.cholesky(h + d * mu * eye)
+        return chol, d, jnp.all(jnp.isfinite(chol))
+
+    def cond(state):
+        k, _, _, ok = state
+        return (~ok) & (k < _MAX_TRIES)
+
+    def body(state):
+        k = state[0] + 1
+        chol, d, ok = attempt(k)
+        return k, chol, d, ok
+
+    chol, d, ok = attempt(0)
+    _, chol, d, ok = jax.lax.while_loop(cond, body, (jnp.int32(0), chol, jnp.asarray(d, h.dtype), ok))
+    return chol, d, ok
+
+
+@jax.jit
+def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01) -> tuple[jax.Array, dict]:
+    """W* = H⁻¹B by Cholesky, damped toward ``center`` (see the module docstring).
+
+    Args:
+      h: ``(d_in, d_in)``, symmetric positive semi-definite.
+      b: ``(d_in, d_out)``; may be sharded over its columns (output channels): every column
+        is an independent solve and the result keeps that sharding.
+      center: ``(d_in, d_out)``, the kernel the damping pulls toward (W_m).
+      damp: δ.
+
+    Returns:
+      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag L / min diag L)²,
+      a cheap lower bound on κ₂(H), "ok": bool}``.
+    """
+    h = h.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    center = center.astype(jnp.float32)
+    h, b = _fix_dead(h, b, center)
+    chol, d, ok = damped_cholesky(h, damp)
+    mu = jnp.mean(jnp.diag(h))
+    w = jax.scipy.linalg.cho_solve((chol, True), b + d * mu * center)
+    dl = jnp.diag(chol)
+    return w, {"damp": d, "cond": (jnp.max(dl) / jnp.min(dl)) ** 2, "ok": ok}
+
+
+def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gptq", *,
+                 damp: float = 0.01, **gptq_options: Any):
+    """Rounds a relaxed kernel: ``gptq(W*, H)``, ``rtn(W*)`` or ``none`` (W* as float).
+
+    Args:
+      w_star: ``(d_in, d_out)`` float kernel.
+      h: ``(d_in, d_in)`` Hessian of the objective (used by ``gptq``).
+      spec: :class:`epmq_jax.quant.QuantSpec`.
+      rounding: ``gptq``, ``rtn`` or ``none``.
+      damp: GPTQ damping δ.
+      **gptq_options: further keyword options of :func:`epmq_jax.quant.gptq`
+        (``block_size``, ``act_order``, ``static_groups``).
+
+    Returns:
+      A :class:`epmq_jax.quant.QuantizedWeight`, or the float array for ``none``.
+    """
+    from epmq_jax import quant
+
+    if rounding == "none":
+        return w_star
+    if rounding == "rtn":
+        return quant.rtn(w_star, spec)
+    if rounding == "gptq":
+        return quant.gptq(w_star, h, spec, damp=damp, **gptq_options)
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def effective_kernel(q) -> jax.Array:
+    """The float kernel a rounded weight stands for (``q`` itself when it is an array)."""
+    return q.dequantize() if hasattr(q, "dequantize") else q
+
+
+@jax.jit
+def _report(system: System, w_merged: jax.Array, w_star: jax.Array, q: jax.Array) -> dict:
+    wm = w_merged.astype(jnp.float32)
+    return {
+        "rel_dist": jnp.linalg.norm(w_star - wm) / jnp.maximum(jnp.linalg.norm(wm), 1e-30),
+        "obj_merged": objective_value(system, wm),
+        "obj_relaxed": objective_value(system, w_star),
+        "obj_rounded": objective_value(system, q),
+    }
+
+
+_system_jit = jax.jit(layer_system, static_argnums=0)
+
+
+def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
+                rounding: Rounding = "gptq", damp: float = 0.01, path: str = "",
+                **gptq_options: Any) -> tuple[Any, dict]:
+    """Objective → (W*, H) → rounder, for one layer, with its solver statistics.
+
+    Args:
+      objective: the layer objective.
+      m: the layer's ω-weighted :class:`~epmq_jax.calib.stats.Moments`.
+      w_merged: merged kernel W_m ``(d_in, d_out)``.
+      spec: quantization spec (unused for ``rounding="none"``).
+      rounding: ``gptq``, ``rtn`` or ``none``.
+      damp: δ of both the solve and GPTQ.
+      path: the layer's leaf path, for messages and the statistics.
+      **gptq_options: passed to :func:`epmq_jax.quant.gptq`.
+
+    Returns:
+      ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*) and a JSON-able dict
+      ``{path, rel_dist, cond, damp, obj_merged, obj_relaxed, obj_rounded, time_s}``;
+      objective values are L(W_m), L(W*) and L(Q) of the undamped objective.
+
+    Raises:
+      ValueError: shapes disagree, or H is not positive definite even after damping.
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    d_in, d_out = w_merged.shape
+    if m.h.shape != (d_in, d_in):
+        raise ValueError(f"{path}: H has shape {m.h.shape}, expected {(d_in, d_in)} for a kernel "
+                         f"of shape {(d_in, d_out)}")
+    if m.b is not None and objective.needs_targets and m.b.shape != (d_in, d_out):
+        raise ValueError(f"{path}: B has shape {m.b.shape}, expected {(d_in, d_out)}")
+    t0 = time.perf_counter()
+    system = _system_jit(objective, m, w_merged)
+    if objective.kind == "gptq":   # B = H W_m: the solve is the identity
+        w_star, info = w_merged.astype(jnp.float32), {"damp": damp, "cond": None, "ok": True}
+    else:
+        w_star, info = solve(system.h, system.b, w_merged, damp)
+    if not bool(info["ok"]):
+        raise ValueError(f"{path}: H {system.h.shape} is not positive definite even with damping "
+                         f"{float(info['damp']):.3g} (non-finite statistics?)")
+    q = round_weight(w_star, system.h, spec, rounding, damp=damp, **gptq_options)
+    rep = _report(system, w_merged, w_star, effective_kernel(q))
+    rep = jax.device_get(rep)
+    stats = {"path": path, **{k: float(v) for k, v in rep.items()},
+             "cond": None if info["cond"] is None else float(info["cond"]),
+             "damp": float(info["damp"]), "rounding": rounding}
+    jax.block_until_ready(q)
+    stats["time_s"] = time.perf_counter() - t0
+    return q, stats
