@@ -42,3 +42,129 @@ def test_presets():
     assert (l14.num_patches, l14.hidden_size, l14.projection_dim) == (256, 1024, 768)
     with pytest.raises(ValueError, match="hidden_act"):
         CLIPVisionConfig(hidden_act="swish2")
+
+
+# --- parity with transformers' PyTorch CLIP (tiny random configs, float32) ---------------------
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VISION_KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=16, patch_size=8, projection_dim=8)
+TEXT_KW = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=12, pad_token_id=1,
+               bos_token_id=0)
+
+
+def _torch_clip(eos_token_id, hidden_act="quick_gelu"):
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(TEXT_KW, eos_token_id=eos_token_id, hidden_act=hidden_act),
+        vision_config=dict(VISION_KW, hidden_act=hidden_act), projection_dim=8)
+    model = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():  # random LayerNorm affine params too, so a swapped scale/bias shows
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layrnorm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return model
+
+
+def _pixels(n=3, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 16, 16, 3)).astype(np.float32)
+
+
+def _text_batch(eos_token_id):
+    """Ids with an EOS per row and padding after it; ids elsewhere avoid the EOS id."""
+    rng = np.random.default_rng(1)
+    lengths = [12, 5, 8]
+    ids = np.full((3, 12), 1, np.int64)
+    mask = np.zeros((3, 12), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(4, 98, size=n)
+        ids[i, 0] = 0
+        ids[i, n - 1] = eos_token_id if eos_token_id != 2 else 99  # legacy: EOS = largest id
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("eos_token_id,hidden_act", [(2, "quick_gelu"), (3, "gelu")])
+def test_clip_matches_torch(tmp_path, eos_token_id, hidden_act):
+    from epmq_jax.models import CLIPModel, from_pretrained
+
+    ref = _torch_clip(eos_token_id, hidden_act)
+    ref.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert isinstance(model, CLIPModel)
+
+    x = _pixels()
+    with torch.no_grad():
+        want_img = ref.get_image_features(
+            pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).pooler_output.numpy()
+    got_img = np.asarray(model.get_image_features(jnp.asarray(x)))
+    np.testing.assert_allclose(got_img, want_img, atol=1e-4, rtol=0)
+
+    ids, mask = _text_batch(eos_token_id)
+    with torch.no_grad():
+        want_txt = ref.get_text_features(input_ids=torch.from_numpy(ids),
+                                         attention_mask=torch.from_numpy(mask)).pooler_output
+    got_txt = np.asarray(model.get_text_features(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(got_txt, want_txt.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(float(model.logit_scale[...]), float(ref.logit_scale.detach()),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["CLIPVisionModel", "CLIPVisionModelWithProjection"])
+def test_clip_vision_checkpoints(tmp_path, cls):
+    """Vision-only checkpoints (FusionBench experts are CLIPVisionModel), sharded on disk."""
+    from epmq_jax.models import CLIPVisionModelWithProjection, from_pretrained
+
+    torch.manual_seed(0)
+    ref = getattr(transformers, cls)(transformers.CLIPVisionConfig(**VISION_KW)).eval()
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = from_pretrained(tmp_path)
+    assert isinstance(model, CLIPVisionModelWithProjection)
+    x = _pixels(2, seed=3)
+    with torch.no_grad():
+        out = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    if cls == "CLIPVisionModel":
+        assert model.visual_projection is None
+        got = model.pool(model.encoder(model.embed(jnp.asarray(x))))
+        np.testing.assert_allclose(got, out.pooler_output.numpy(), atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="visual_projection"):
+            model.get_image_features(jnp.asarray(x))
+    else:
+        np.testing.assert_allclose(model(jnp.asarray(x)), out.image_embeds.numpy(),
+                                   atol=1e-4, rtol=0)
+
+
+def test_key_mismatch_lists_unknown_missing_and_mismatched(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from epmq_jax.models import CheckpointMismatchError, from_pretrained
+
+    torch.manual_seed(0)
+    transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**VISION_KW)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["vision_model.post_layernorm.bias"]
+    tensors["vision_model.encoder.layers.0.mlp.fc3.weight"] = np.zeros((2, 2), np.float32)
+    tensors["vision_model.encoder.layers.1.mlp.fc1.weight"] = np.zeros((64, 31), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError) as err:
+        from_pretrained(tmp_path)
+    e = err.value
+    assert e.unknown == ["vision_model.encoder.layers.0.mlp.fc3.weight"]
+    assert e.missing == ["post_layernorm/bias"]
+    assert e.mismatched == [("vision_model.encoder.layers.1.mlp.fc1.weight",
+                             "encoder/layers/1/mlp/fc1/kernel", (31, 64), (32, 64))]
+    for text in ("fc3", "post_layernorm/bias", "(31, 64)"):
+        assert text in str(e)
+
+
+def test_missing_repo_fails_fast_offline(monkeypatch):
+    from epmq_jax.models import from_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model"):
+        from_pretrained("no-such-org/no-such-model")

@@ -8,12 +8,15 @@ from epmq_jax.models.clip import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
+from epmq_jax.models.hf import CheckpointMismatchError, from_pretrained
 
 __all__ = [
+    "CheckpointMismatchError",
     "CLIPConfig",
     "CLIPModel",
     "CLIPTextConfig",
     "CLIPTextModelWithProjection",
     "CLIPVisionConfig",
     "CLIPVisionModelWithProjection",
+    "from_pretrained",
 ]

@@ -19,8 +19,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from epmq_jax.models import hf
 from epmq_jax.models._layers import (
     activation,
     config_from_dict,
@@ -369,3 +371,36 @@ class CLIPModel(nnx.Module):
         img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
         txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
         return jnp.exp(self.logit_scale[...]) * img @ txt.T
+
+
+def from_hf(config: dict, tensors: dict[str, np.ndarray]) -> CLIPModel | CLIPVisionModelWithProjection:
+    """Builds a CLIP model from a Hugging Face ``config.json`` dict and its tensors.
+
+    ``model_type == "clip"`` gives a :class:`CLIPModel`; ``"clip_vision_model"``
+    (``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` checkpoints, names with or
+    without the ``vision_model.`` prefix) gives a :class:`CLIPVisionModelWithProjection`, whose
+    ``visual_projection`` is None when the checkpoint has none.
+    """
+    ignore = [r"position_ids$"]
+    model_type = config.get("model_type")
+    if model_type == "clip":
+        cfg = CLIPConfig.from_dict(config)
+        moved = {"visual_projection.": "vision_model.visual_projection.",
+                 "text_projection.": "text_model.text_projection."}
+
+        def rename(name: str) -> str:
+            for old, new in moved.items():
+                if name.startswith(old):
+                    return new + name[len(old):]
+            return name
+
+        model = hf.abstract(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
+        return hf.load_into(model, tensors, rename, ignore)
+    if model_type == "clip_vision_model":
+        cfg = CLIPVisionConfig.from_dict(config)
+        with_projection = "visual_projection.weight" in tensors
+        model = hf.abstract(lambda: CLIPVisionModelWithProjection(
+            cfg, rngs=nnx.Rngs(0), with_projection=with_projection))
+        return hf.load_into(model, tensors, lambda n: n.removeprefix("vision_model."), ignore)
+    raise ValueError(f"clip.from_hf: model_type={model_type!r}; expected 'clip' or "
+                     "'clip_vision_model'")
