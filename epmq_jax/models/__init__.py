@@ -1,5 +1,6 @@
 """Flax nnx model definitions (CLIP, BERT, T5) and loading of Hugging Face checkpoints."""
 
+from epmq_jax.models.bert import BertConfig, BertModel, mean_pool
 from epmq_jax.models.clip import (
     CLIPConfig,
     CLIPModel,
@@ -11,6 +12,8 @@ from epmq_jax.models.clip import (
 from epmq_jax.models.hf import CheckpointMismatchError, from_pretrained
 
 __all__ = [
+    "BertConfig",
+    "BertModel",
     "CheckpointMismatchError",
     "CLIPConfig",
     "CLIPModel",
@@ -19,4 +22,5 @@ __all__ = [
     "CLIPVisionConfig",
     "CLIPVisionModelWithProjection",
     "from_pretrained",
+    "mean_pool",
 ]
