@@ -43,10 +43,12 @@ def _ref_wstar(wm, ws, xs, xts, lam, anchor, weighting, damp):
     return np.linalg.solve(h + damp * mu * np.eye(len(h)), b + damp * mu * wm), h
 
 
-@pytest.mark.parametrize("anchor", ["weight", "output"])
-@pytest.mark.parametrize("weighting", ["uniform", "tokens", "frobenius"])
-@pytest.mark.parametrize("target", ["merged", "expert"])
-@pytest.mark.parametrize("damp", [0.0, 0.05])
+@pytest.mark.parametrize("anchor, weighting, target, damp", [
+    ("weight", "uniform", "merged", 0.0), ("weight", "tokens", "expert", 0.05),
+    ("weight", "frobenius", "expert", 0.0), ("weight", "frobenius", "merged", 0.05),
+    ("output", "uniform", "expert", 0.0), ("output", "tokens", "merged", 0.0),
+    ("output", "frobenius", "expert", 0.05), ("output", "frobenius", "merged", 0.0),
+])
 def test_relaxed_solution_matches_float64_closed_form(anchor, weighting, target, damp):
     wm, ws, xs, xts = _problem()
     lam = 0.7
@@ -120,3 +122,51 @@ def test_shape_mismatch_names_the_task():
         epmq_layer(wm, ws, [xs[0], xs[1][:, :5]], SPEC)
     with pytest.raises(ValueError, match=r"expert_kernels\[0\]"):
         epmq_layer(wm, [ws[0].T, ws[1]], xs, SPEC)
+
+
+def _gram(xs, weighting="uniform"):
+    grams = [x.astype(np.float64).T @ x.astype(np.float64) for x in xs]
+    om = {"uniform": [1.0] * len(xs), "frobenius": [1 / np.linalg.norm(g) for g in grams]}[weighting]
+    return sum(o * g for o, g in zip(om, grams)).astype(np.float32)
+
+
+def _codes_agree(a, b, frac=0.995):
+    a, b = np.asarray(a.dequantize()), np.asarray(b.dequantize())
+    return np.mean(np.isclose(a, b, rtol=1e-5, atol=1e-6)) >= frac
+
+
+def test_output_anchor_to_infinity_is_gptq_on_merged():
+    wm, ws, xs, xts = _problem(seed=6)
+    q = epmq_layer(wm, ws, xs, SPEC, xs_target=xts, lam=1e6, anchor="output",
+                   task_weights="frobenius")
+    ref = quant.gptq(wm, _gram(xs, "frobenius"), SPEC)
+    assert _codes_agree(q, ref)
+    # and a small anchor really moves away from GPTQ-on-merged
+    q_small = epmq_layer(wm, ws, xs, SPEC, xs_target=xts, lam=0.1, anchor="output")
+    assert not _codes_agree(q_small, ref, frac=0.9)
+
+
+def test_single_expert_equal_to_merge_reproduces_gptq():
+    wm, _, xs, _ = _problem(seed=7, T=1)
+    for anchor in ("output", "weight"):
+        q = epmq_layer(wm, [wm], xs, SPEC, xs_target=xs, lam=0.1, anchor=anchor)
+        if anchor == "output":   # H = (1+λ)H_d: same GPTQ problem as H_d
+            assert _codes_agree(q, quant.gptq(wm, _gram(xs), SPEC), frac=1.0)
+        w_star = epmq_layer(wm, [wm], xs, SPEC, xs_target=xs, lam=0.1, anchor=anchor, rounding="none")
+        np.testing.assert_allclose(np.asarray(w_star), wm, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("anchor", ["weight", "output"])
+def test_gptq_rounded_objective_not_above_rtn(anchor):
+    wm, ws, xs, xts = _problem(seed=8, n=200)
+    obj = Objective(kind="epmq", lam=0.1, anchor=anchor)
+    tasks = [[(x, jnp.asarray(xt) @ w)] for x, xt, w in zip(xs, xts, ws)]
+    m, _ = accumulate(tasks, obj.task_weights)
+    _, st_g = solve_layer(obj, m, wm, SPEC, rounding="gptq")
+    _, st_r = solve_layer(obj, m, wm, SPEC, rounding="rtn")
+    _, st_n = solve_layer(obj, m, wm, SPEC, rounding="none")
+    assert st_g["obj_relaxed"] == pytest.approx(st_r["obj_relaxed"])
+    assert st_n["obj_rounded"] == pytest.approx(st_n["obj_relaxed"], rel=1e-4)
+    assert st_n["obj_relaxed"] <= st_g["obj_rounded"] < st_r["obj_rounded"]
+    assert st_g["obj_relaxed"] < st_g["obj_merged"]      # W* beats the merge on its own objective
+    assert set(st_g) >= {"path", "rel_dist", "cond", "damp", "gptq_damp", "time_s"}

@@ -108,13 +108,15 @@ def _tr_ab(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b)
 
 
-def layer_system(objective: Objective, m: Moments, w_merged: jax.Array) -> System:
+def layer_system(objective: Objective, m: Moments, w_merged: jax.Array,
+                 lam: float | jax.Array | None = None) -> System:
     """Builds (H, B, const) of one layer from its accumulated moments.
 
     Args:
       objective: the objective.
       m: ω-weighted moments; ``m.b`` = Σ_t ω_t X_tᵀ(X̃_t W_t) (ignored, may be None, for ``gptq``).
       w_merged: the merged kernel W_m ``(d_in, d_out)``.
+      lam: overrides ``objective.lam`` (may be traced, so a λ sweep compiles once).
 
     Returns:
       The :class:`System`.
@@ -126,7 +128,7 @@ def layer_system(objective: Objective, m: Moments, w_merged: jax.Array) -> Syste
         return System(h_d, hw, _tr_ab(w_m, hw))
     if m.b is None:
         raise ValueError(f"objective {objective.kind!r} needs target moments B")
-    lam = objective.lam if objective.kind == "epmq" else 0.0
+    lam = (objective.lam if lam is None else lam) if objective.kind == "epmq" else 0.0
     if objective.anchor == "weight":
         c = jnp.mean(jnp.diag(h_d))
         eye = jnp.eye(h_d.shape[0], dtype=h_d.dtype)

@@ -1,8 +1,9 @@
 """The anchored least-squares solve W* = H⁻¹B and the rounders that turn (W*, H) into codes.
 
-Damping follows GPTQ's policy (METHOD.md §5): a dead input (diag H = 0) gets H_ii = 1, then
-δ·mean(diag H) is added to the diagonal (δ = ``damp``), and δ is raised tenfold while the
-Cholesky factorisation fails; the δ actually used is reported. In the solve the damping is
+Damping is GPTQ's policy, through GPTQ's own factorisation (``epmq_jax.quant._gptq``,
+METHOD.md §5): a dead input (diag H = 0) gets H_ii = 1, then δ·mean(diag H) is added to the
+diagonal (δ = ``damp``), and δ is raised tenfold while the Cholesky factorisation fails; the
+δ actually used is reported. In the solve the damping is
 centred on the merged kernel: we solve (H + δμI)W = B + δμW_m (μ = mean diag H), i.e. δ acts
 as a tiny weight anchor toward W_m rather than a pull toward 0. Hence W* = W_m exactly when
 B = HW_m (GPTQ's objective, or a single expert equal to the merge), whatever δ; a dead input
@@ -14,6 +15,8 @@ or ``none`` (W* itself, float).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from typing import Any, Literal
 
@@ -22,11 +25,11 @@ import jax.numpy as jnp
 
 from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
 from epmq_jax.calib.stats import Moments
+from epmq_jax.quant._gptq import _damped_factor
 
 Rounding = Literal["gptq", "rtn", "none"]
 ROUNDINGS = ("gptq", "rtn", "none")
 _HI = jax.lax.Precision.HIGHEST
-_MAX_TRIES = 8
 
 
 def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -35,38 +38,6 @@ def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array) -> tuple[jax.Array,
     h = h + jnp.diag(dead.astype(h.dtype))
     b = jnp.where(dead[:, None], center, b)
     return h, b
-
-
-def damped_cholesky(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Lower Cholesky factor of H + δ·mean(diag H)·I, raising δ tenfold until it exists.
-
-    Args:
-      h: symmetric ``(d, d)`` float32 with a positive diagonal (dead inputs fixed first).
-      damp: the first δ (relative to mean diag H). With δ = 0 the retries start at 1e-6.
-
-    Returns:
-      ``(L, δ_used, ok)``; ``ok`` is False when even the last retry failed (L holds NaN).
-    """
-    mu = jnp.mean(jnp.diag(h))
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-
-    def attempt(k):
-        d = jnp.where(k == 0, damp, jnp.maximum(damp, 1e-7) * 10.0 ** k)
-        chol = jnp.linalg.cholesky(h + d * mu * eye)
-        return chol, d, jnp.all(jnp.isfinite(chol))
-
-    def cond(state):
-        k, _, _, ok = state
-        return (~ok) & (k < _MAX_TRIES)
-
-    def body(state):
-        k = state[0] + 1
-        chol, d, ok = attempt(k)
-        return k, chol, d, ok
-
-    chol, d, ok = attempt(0)
-    _, chol, d, ok = jax.lax.while_loop(cond, body, (jnp.int32(0), chol, jnp.asarray(d, h.dtype), ok))
-    return chol, d, ok
 
 
 @jax.jit
@@ -81,18 +52,18 @@ def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01) -> 
       damp: δ.
 
     Returns:
-      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag L / min diag L)²,
-      a cheap lower bound on κ₂(H), "ok": bool}``.
+      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag U / min diag U)²
+      for the triangular factor U of the damped H⁻¹ (a cheap lower bound on its κ₂), "ok": bool}``.
     """
     h = h.astype(jnp.float32)
     b = b.astype(jnp.float32)
     center = center.astype(jnp.float32)
     h, b = _fix_dead(h, b, center)
-    chol, d, ok = damped_cholesky(h, damp)
+    u, d, ok = _damped_factor(h, jnp.asarray(damp, jnp.float32))   # UᵀU = (H + dμI)⁻¹
     mu = jnp.mean(jnp.diag(h))
-    w = jax.scipy.linalg.cho_solve((chol, True), b + d * mu * center)
-    dl = jnp.diag(chol)
-    return w, {"damp": d, "cond": (jnp.max(dl) / jnp.min(dl)) ** 2, "ok": ok}
+    w = jnp.matmul(u.T, jnp.matmul(u, b + d * mu * center, precision=_HI), precision=_HI)
+    du = jnp.diag(u)
+    return w, {"damp": d, "cond": (jnp.max(du) / jnp.min(du)) ** 2, "ok": ok}
 
 
 def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gptq", *,
@@ -109,16 +80,18 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
         (``block_size``, ``act_order``, ``static_groups``).
 
     Returns:
-      A :class:`epmq_jax.quant.QuantizedWeight`, or the float array for ``none``.
+      ``(q, info)``: a :class:`epmq_jax.quant.QuantizedWeight` (the float array for ``none``)
+      and a dict, ``{"gptq_damp": δ GPTQ used}`` for ``gptq``, else empty.
     """
     from epmq_jax import quant
 
     if rounding == "none":
-        return w_star
+        return w_star, {}
     if rounding == "rtn":
-        return quant.rtn(w_star, spec)
+        return quant.rtn(w_star, spec), {}
     if rounding == "gptq":
-        return quant.gptq(w_star, h, spec, damp=damp, **gptq_options)
+        q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **gptq_options)
+        return q, {"gptq_damp": info.damp_used}
     raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
@@ -138,7 +111,10 @@ def _report(system: System, w_merged: jax.Array, w_star: jax.Array, q: jax.Array
     }
 
 
-_system_jit = jax.jit(layer_system, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
+def _system_jit(objective: Objective, lam: jax.Array, m: Moments, w_merged: jax.Array) -> System:
+    """layer_system with λ traced, so a λ sweep compiles once."""
+    return layer_system(objective, m, w_merged, lam=lam)
 
 
 def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
@@ -158,7 +134,8 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
 
     Returns:
       ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*) and a JSON-able dict
-      ``{path, rel_dist, cond, damp, obj_merged, obj_relaxed, obj_rounded, time_s}``;
+      ``{path, rel_dist, cond, damp, obj_merged, obj_relaxed, obj_rounded, rounding, time_s}``
+      (+ ``gptq_damp`` for GPTQ rounding);
       objective values are L(W_m), L(W*) and L(Q) of the undamped objective.
 
     Raises:
@@ -173,7 +150,8 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     if m.b is not None and objective.needs_targets and m.b.shape != (d_in, d_out):
         raise ValueError(f"{path}: B has shape {m.b.shape}, expected {(d_in, d_out)}")
     t0 = time.perf_counter()
-    system = _system_jit(objective, m, w_merged)
+    system = _system_jit(dataclasses.replace(objective, lam=0.0), jnp.float32(objective.lam), m,
+                         w_merged)
     if objective.kind == "gptq":   # B = H W_m: the solve is the identity
         w_star, info = w_merged.astype(jnp.float32), {"damp": damp, "cond": None, "ok": True}
     else:
@@ -181,9 +159,8 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     if not bool(info["ok"]):
         raise ValueError(f"{path}: H {system.h.shape} is not positive definite even with damping "
                          f"{float(info['damp']):.3g} (non-finite statistics?)")
-    q = round_weight(w_star, system.h, spec, rounding, damp=damp, **gptq_options)
-    rep = _report(system, w_merged, w_star, effective_kernel(q))
-    rep = jax.device_get(rep)
+    q, rinfo = round_weight(w_star, system.h, spec, rounding, damp=damp, **gptq_options)
+    rep = jax.device_get({**_report(system, w_merged, w_star, effective_kernel(q)), **rinfo})
     stats = {"path": path, **{k: float(v) for k, v in rep.items()},
              "cond": None if info["cond"] is None else float(info["cond"]),
              "damp": float(info["damp"]), "rounding": rounding}
