@@ -1,0 +1,204 @@
+"""GLUE as text-to-text for (FLAN-)T5: prompts, label words, parsing of generated answers.
+
+The prompts and label words are FusionBench's (``tanganke/fusion_bench``,
+``fusion_bench/tasks/flan_t5_text_generation/glue_prompt_templates.py``), transcribed word
+for word, typos ("Answere") included: its FLAN-T5 GLUE experts
+(``tanganke/flan-t5-base_glue-<task>``) were fine-tuned on exactly these strings, so a
+different wording would evaluate them off-distribution.
+
+Evaluation uses the ``validation`` split (``validation_matched`` for MNLI), as FusionBench
+does, since GLUE's test labels are hidden; calibration samples come from ``train``.
+
+A task example is a mapping with the task's text fields (``str`` or UTF-8 ``bytes``, as
+tensorflow-datasets yields them) and ``label`` (int class id; float similarity in [0, 5] for
+STS-B). :func:`format_example` turns it into ``(input_text, target_text)``;
+:func:`parse_prediction` maps generated text back to a class id (or a float for STS-B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: Returned by :func:`parse_prediction` for text that is none of the task's label words.
+UNPARSED = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task in text-to-text form.
+
+    Attributes:
+      name: short name (``"cola"``, ...), also the suffix of FusionBench's expert repo ids.
+      tfds_name: tensorflow-datasets name, e.g. ``"glue/cola"``.
+      fields: the text features the template uses, in tfds/HF names.
+      template: ``str.format`` template over ``fields``.
+      label_words: target text of class ``i`` at index ``i``; None for STS-B (regression,
+        the target is the score with one decimal, ``"3.8"``).
+      eval_split: split used for evaluation. train_split: split calibration samples come from.
+    """
+
+    name: str
+    tfds_name: str
+    fields: tuple[str, ...]
+    template: str
+    label_words: tuple[str, ...] | None
+    eval_split: str = "validation"
+    train_split: str = "train"
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_words is None
+
+
+GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
+    GlueTask("cola", "glue/cola", ("sentence",),
+             "Indicate if the following sentence is grammatically correct or not: \"{sentence}\". "
+             "Answere 'acceptable' or 'unacceptable'.",
+             ("unacceptable", "acceptable")),
+    GlueTask("sst2", "glue/sst2", ("sentence",),
+             "Given the sentence '{sentence}', determine the sentiment. Is it positive or negative?",
+             ("negative", "positive")),
+    GlueTask("mrpc", "glue/mrpc", ("sentence1", "sentence2"),
+             "Are the following sentences '{sentence1}' and '{sentence2}' conveying the same "
+             "meaning? Answere with 'yes' or 'no'.",
+             ("no", "yes")),
+    GlueTask("qqp", "glue/qqp", ("question1", "question2"),
+             "Do the questions '{question1}' and '{question2}' have the same intent? Answere "
+             "with 'yes' or 'no'.",
+             ("no", "yes")),
+    GlueTask("mnli", "glue/mnli", ("premise", "hypothesis"),
+             "Does the premise: '{premise}' logically imply, contradict, or is neutral to the "
+             "hypothesis: '{hypothesis}'? Answere with 'entailment', 'contradiction', or 'neutral'.",
+             ("entailment", "neutral", "contradiction"), eval_split="validation_matched"),
+    GlueTask("qnli", "glue/qnli", ("question", "sentence"),
+             "Given the context: '{sentence}', does the question '{question}' have an answer "
+             "based on the information provided? Answer with 'yes' or 'no'.",
+             ("yes", "no")),
+    GlueTask("rte", "glue/rte", ("sentence1", "sentence2"),
+             "Does the text: '{sentence1}' entail that '{sentence2}' is true? Provide 'yes' or 'no'.",
+             ("yes", "no")),
+    GlueTask("stsb", "glue/stsb", ("sentence1", "sentence2"),
+             "Consider the sentences '{sentence1}' and '{sentence2}'. On a scale from 1 "
+             "(completely different) to 5 (completely similar), rate the similarity.",
+             None),
+)}
+
+#: The 8 tasks in FusionBench's order.
+GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
+
+
+def get_task(name: str) -> GlueTask:
+    """The :class:`GlueTask` called ``name`` (``"cola"`` or ``"glue/cola"``)."""
+    key = name.removeprefix("glue/")
+    if key not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; expected one of {sorted(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return _text(value.item())
+    if not isinstance(value, str):
+        raise ValueError(f"expected a str or UTF-8 bytes text field, got {type(value).__name__}")
+    return value
+
+
+def format_input(task: GlueTask | str, example: Mapping[str, Any]) -> str:
+    """The prompt for ``example`` (a mapping holding the task's ``fields``)."""
+    task = get_task(task) if isinstance(task, str) else task
+    missing = [f for f in task.fields if f not in example]
+    if missing:
+        raise ValueError(f"GLUE {task.name} example lacks fields {missing}; it has {sorted(example)}")
+    return task.template.format(**{f: _text(example[f]) for f in task.fields})
+
+
+def format_target(task: GlueTask | str, label: int | float) -> str:
+    """The target text: the label word of class ``label``, or the STS-B score as ``"{:.1f}"``."""
+    task = get_task(task) if isinstance(task, str) else task
+    if task.is_regression:
+        return f"{float(label):.1f}"
+    label = int(label)
+    if not 0 <= label < len(task.label_words):
+        raise ValueError(f"GLUE {task.name}: label {label} outside [0, {len(task.label_words)}); "
+                         "test splits carry label -1 and cannot be scored")
+    return task.label_words[label]
+
+
+def format_example(task: GlueTask | str, example: Mapping[str, Any]) -> tuple[str, str]:
+    """``(input_text, target_text)`` for one example with a ``label``."""
+    return format_input(task, example), format_target(task, np.asarray(example["label"]).item())
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+
+
+def parse_prediction(task: GlueTask | str, text: str) -> int | float | None:
+    """Maps generated text to a prediction.
+
+    Classification: the index of the label word that the text equals after stripping
+    whitespace, surrounding quotes and a final period, case-insensitively (``"Yes."`` -> "yes");
+    anything else is :data:`UNPARSED` (-1), which never equals a gold label. An exact match is
+    required because label words can contain one another ("unacceptable" / "acceptable").
+    STS-B: the first number in the text as a float, or None if there is none.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    if task.is_regression:
+        m = _NUMBER.search(text)
+        return float(m.group()) if m else None
+    word = text.strip().strip("'\"").rstrip(".").strip().lower()
+    return task.label_words.index(word) if word in task.label_words else UNPARSED
+
+
+def encode_texts(texts: Sequence[str], tokenize: Callable[[str], Sequence[int]], *,
+                 max_length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenizes and right-pads a batch of texts.
+
+    Args:
+      texts: B strings.
+      tokenize: text -> token ids, including any end-of-sequence id (a Hugging Face
+        tokenizer's ``lambda s: tok(s).input_ids`` appends T5's ``</s>``).
+      max_length: ids beyond it are cut off (FusionBench truncates too).
+      pad_id: padding id (T5: 0).
+
+    Returns:
+      ``(input_ids, attention_mask)``, both int32 ``(B, max_length)``.
+    """
+    if max_length < 1:
+        raise ValueError(f"encode_texts: max_length={max_length}, expected >= 1")
+    ids = np.full((len(texts), max_length), pad_id, np.int32)
+    mask = np.zeros((len(texts), max_length), np.int32)
+    for i, text in enumerate(texts):
+        toks = list(tokenize(text))[:max_length]
+        ids[i, : len(toks)] = toks
+        mask[i, : len(toks)] = 1
+    return ids, mask
+
+
+def load_examples(task: GlueTask | str, split: str | None = None, *, data_dir: str | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """Reads a GLUE split through tensorflow-datasets (no TensorFlow needed).
+
+    Args:
+      task: task or name. split: defaults to ``task.eval_split``.
+      data_dir: tfds data directory (where ``glue/<task>`` was prepared); tfds' default if None.
+      limit: read at most this many examples, from the start of the split.
+
+    Returns:
+      A list of dicts with the task's text fields (str) and ``label``.
+    """
+    import tensorflow_datasets as tfds  # data extra; imported lazily
+
+    task = get_task(task) if isinstance(task, str) else task
+    split = task.eval_split if split is None else split
+    if limit is not None:
+        split = f"{split}[:{int(limit)}]"
+    source = tfds.data_source(task.tfds_name, split=split, data_dir=data_dir, download=False)
+    return [{**{f: _text(ex[f]) for f in task.fields}, "label": np.asarray(ex["label"]).item()}
+            for ex in (source[i] for i in range(len(source)))]
