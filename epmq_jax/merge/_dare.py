@@ -1,0 +1,96 @@
+"""DARE (Yu et al., 2024): randomly drop task-vector entries, rescale, then merge (METHOD.md §2).
+
+Each entry of each task vector is dropped independently with probability ``drop``; survivors
+are multiplied by 1/(1 − drop) so the expected task vector is unchanged. The sparsified task
+vectors are then merged by Task Arithmetic or TIES (as FusionBench's ``DareTiesMerging``: the
+TIES trim then runs on the DARE-sparsified vectors; pass ``density=1.0`` for sign election and
+disjoint merge only).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from epmq_jax._tree import PathFilter
+from epmq_jax.merge._basic import (
+    PyTree,
+    add_to_base,
+    per_expert_scaling,
+    task_vector_leaves,
+    weighted_sum,
+)
+from epmq_jax.merge._ties import check_ties_args, ties_deltas
+from epmq_jax.merge._validate import check_expert_list, flatten_inputs
+
+
+@functools.partial(jax.jit, static_argnames="rescale")
+def drop_and_rescale(key: jax.Array, tv: Sequence[jax.Array], drop: float,
+                     rescale: bool) -> list[jax.Array]:
+    """Drops each entry of one task vector with probability ``drop`` (leaf ``j`` uses
+    ``jax.random.fold_in(key, j)``) and rescales survivors by 1/(1 − drop) if ``rescale``."""
+    out = []
+    for j, x in enumerate(tv):
+        keep = jax.random.bernoulli(jax.random.fold_in(key, j), 1.0 - drop, x.shape)
+        y = jnp.where(keep, x, jnp.zeros_like(x))
+        out.append(y / (1.0 - drop) if rescale else y)
+    return out
+
+
+def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float = 0.9,
+         rescale: bool = True, merge: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+         scaling: float | Sequence[float] = 0.3, filter: PathFilter = None,
+         validate: bool = True, **merge_kwargs: Any) -> PyTree:
+    """DARE sparsification of every task vector, then Task Arithmetic or TIES.
+
+    Args:
+      base: the pretrained parameters θ₀.
+      experts: the fine-tuned trees θ_1..θ_T (same structure, shapes, dtypes as ``base``).
+      key: a ``jax.random`` key. Expert ``t`` uses ``fold_in(key, t)``, its ``j``-th merged leaf
+        ``fold_in(fold_in(key, t), j)``, so the result is a deterministic function of ``key``.
+      drop: probability p of dropping an entry, in [0, 1).
+      rescale: multiply surviving entries by 1/(1 − p) (keeps the expectation).
+      merge: ``"task_arithmetic"`` or ``"ties"``.
+      scaling: λ (per expert allowed for task arithmetic).
+      filter: path filter (see ``task_arithmetic``); leaves not merged come from ``base``.
+      validate: run the input checks (see ``task_arithmetic``).
+      **merge_kwargs: TIES settings ``density``, ``trim``, ``merge_func`` (``merge="ties"`` only).
+
+    Returns:
+      The merged tree, with ``base``'s structure and dtypes.
+
+    Raises:
+      ValueError: bad inputs as in ``task_arithmetic``; ``drop`` outside [0, 1); unknown
+        ``merge``; TIES settings given with ``merge="task_arithmetic"``, or invalid ones.
+    """
+    if not 0.0 <= float(drop) < 1.0:
+        raise ValueError(f"drop is a probability in [0, 1), got {drop}.")
+    if merge == "ties":
+        ties_kw = {"density": 0.2, "trim": "global", "merge_func": "mean"}
+        unknown = set(merge_kwargs) - set(ties_kw)
+        if unknown:
+            raise ValueError(f"Unknown TIES settings {sorted(unknown)}; expected a subset of "
+                             f"{sorted(ties_kw)}.")
+        ties_kw.update(merge_kwargs)
+        check_ties_args(**ties_kw)
+    elif merge == "task_arithmetic":
+        if merge_kwargs:
+            raise ValueError(f"merge='task_arithmetic' takes no extra settings, got "
+                             f"{sorted(merge_kwargs)}.")
+    else:
+        raise ValueError(f"merge must be 'task_arithmetic' or 'ties', got {merge!r}.")
+    check_expert_list(experts)
+    flat = flatten_inputs(base, experts, filter=filter, validate=validate)
+    tvs = [drop_and_rescale(jax.random.fold_in(key, t), tv, drop, rescale)
+           for t, tv in enumerate(task_vector_leaves(flat))]
+    if not tvs[0]:
+        return flat.unflatten([])
+    if merge == "ties":
+        if not isinstance(scaling, (int, float)) and getattr(scaling, "ndim", 0) != 0:
+            raise ValueError("merge='ties' takes one scalar scaling, not one per expert.")
+        return add_to_base(flat, [scaling * d for d in ties_deltas(tvs, **ties_kw)])
+    return add_to_base(flat, weighted_sum(tvs, per_expert_scaling(scaling, len(experts))))

@@ -1,0 +1,165 @@
+"""Input checks and leaf bookkeeping shared by the merge functions.
+
+Every merge function flattens its inputs with :func:`flatten_inputs`, which checks (eagerly,
+before any arithmetic) that the experts match ``base`` leaf by leaf and that no input holds NaN
+or inf, and which records, per leaf, whether the path filter selects it for merging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from epmq_jax._tree import PathFilter, compile_filter, leaves_with_paths, path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatInputs:
+    """The flattened reference tree and experts.
+
+    Attributes:
+      treedef: tree structure of the reference tree; merged outputs are built with it.
+      paths: leaf path strings (``"a/b/kernel"``) in flattening order.
+      ref: leaves of the reference tree (``base``, or the first expert for ``average``).
+      experts: ``experts[t][i]`` is leaf ``i`` of expert ``t``.
+      selected: ``selected[i]`` is True when leaf ``i`` is merged: its path matches the filter
+        and its dtype is floating point. Every other leaf is copied from ``ref``.
+    """
+
+    treedef: Any
+    paths: list[str]
+    ref: list[Any]
+    experts: list[list[Any]]
+    selected: list[bool]
+
+    def unflatten(self, merged: Sequence[Any]) -> Any:
+        """Builds the output tree: ``merged`` holds one leaf per selected leaf, in order."""
+        it = iter(merged)
+        leaves = [next(it) if s else r for r, s in zip(self.ref, self.selected)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _dtype(x: Any) -> np.dtype:
+    return jnp.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype)
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_structure(ref_paths: list[str], paths: list[str], ref_name: str, name: str) -> None:
+    if paths == ref_paths:
+        return
+    ref_set, other_set = set(ref_paths), set(paths)
+    missing = [p for p in ref_paths if p not in other_set]
+    if missing:
+        raise ValueError(
+            f"{name} has no leaf at path '{missing[0]}' that {ref_name} has "
+            f"({len(missing)} missing in all); trees must have the same structure.")
+    extra = [p for p in paths if p not in ref_set]
+    if extra:
+        raise ValueError(
+            f"{name} has an extra leaf at path '{extra[0]}' that {ref_name} lacks "
+            f"({len(extra)} extra in all); trees must have the same structure.")
+    raise ValueError(f"{name} has the same leaf paths as {ref_name} in a different order "
+                     f"(first differing position: '{next(p for p, q in zip(paths, ref_paths) if p != q)}').")
+
+
+def _check_leaves(ref_paths: list[str], ref: list[Any], leaves: list[Any], ref_name: str,
+                  name: str) -> None:
+    for p, a, b in zip(ref_paths, ref, leaves):
+        if _shape(a) != _shape(b):
+            raise ValueError(f"Leaf '{p}': {name} has shape {_shape(b)}, expected {_shape(a)} "
+                             f"as in {ref_name}.")
+        if _dtype(a) != _dtype(b):
+            raise ValueError(f"Leaf '{p}': {name} has dtype {_dtype(b)}, expected {_dtype(a)} "
+                             f"as in {ref_name}.")
+
+
+@jax.jit
+def _all_finite(leaves: list[Any]) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def check_finite(paths: list[str], leaves: list[Any], name: str) -> None:
+    """Raises ValueError naming the first leaf of ``leaves`` holding NaN or inf.
+
+    One small jitted reduction per leaf runs on the arrays' devices; only booleans reach the host.
+    Tracers (inside ``jax.jit``) cannot be inspected and are skipped.
+    """
+    idx = [i for i, x in enumerate(leaves)
+           if not _is_tracer(x) and jnp.issubdtype(_dtype(x), jnp.inexact)]
+    if not idx:
+        return
+    ok = jax.device_get(_all_finite([leaves[i] for i in idx]))
+    for i, good in zip(idx, ok):
+        if not good:
+            raise ValueError(f"Leaf '{paths[i]}' of {name} (shape {_shape(leaves[i])}, dtype "
+                             f"{_dtype(leaves[i])}) contains NaN or inf.")
+
+
+def check_expert_list(experts: Any) -> None:
+    """Raises ValueError unless ``experts`` is a non-empty list or tuple."""
+    if isinstance(experts, (str, bytes)) or not isinstance(experts, Sequence):
+        raise ValueError(f"experts must be a list or tuple of trees, got {type(experts).__name__}.")
+    if len(experts) == 0:
+        raise ValueError("No experts to merge: experts is empty.")
+
+
+def flatten_inputs(ref: Any, experts: Sequence[Any], *, filter: PathFilter = None,
+                   validate: bool = True, ref_name: str = "base",
+                   expert_offset: int = 0) -> FlatInputs:
+    """Flattens ``ref`` and ``experts``, checks that they match and marks the merged leaves.
+
+    Args:
+      ref: the reference tree (``base``; the first expert for ``average``).
+      experts: the expert trees, same structure, shapes and dtypes as ``ref``.
+      filter: regex (``re.search`` on the leaf path), compiled pattern, predicate on the path,
+        or None for all leaves. Only floating-point leaves are ever merged.
+      validate: when False, skips the shape, dtype and NaN/inf checks (the structure is still
+        needed to flatten and is always compared by path).
+      ref_name: how error messages call the reference tree.
+      expert_offset: index of ``experts[0]`` in the caller's list, for error messages.
+
+    Returns:
+      A :class:`FlatInputs`.
+
+    Raises:
+      ValueError: an expert lacks a leaf of ``ref`` or has an extra one (the first
+        such path is named); a shape or dtype differs (path and both values named); a leaf
+        holds NaN or inf (path named).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(ref)
+    paths = [path_str(kp) for kp, _ in flat]
+    ref_leaves = [x for _, x in flat]
+    expert_leaves = []
+    for t, e in enumerate(experts):
+        name = f"experts[{t + expert_offset}]"
+        pl = leaves_with_paths(e)
+        _check_structure(paths, [p for p, _ in pl], ref_name, name)
+        leaves = [x for _, x in pl]
+        if validate:
+            _check_leaves(paths, ref_leaves, leaves, ref_name, name)
+        expert_leaves.append(leaves)
+    if validate:
+        check_finite(paths, ref_leaves, ref_name)
+        for t, leaves in enumerate(expert_leaves):
+            check_finite(paths, leaves, f"experts[{t + expert_offset}]")
+    keep = compile_filter(filter)
+    selected = [keep(p) and jnp.issubdtype(_dtype(x), jnp.inexact)
+                for p, x in zip(paths, ref_leaves)]
+    return FlatInputs(treedef, paths, ref_leaves, expert_leaves, selected)
+
+
+def compute_dtype(x: Any) -> np.dtype:
+    """The dtype merge arithmetic runs in: at least float32 (bf16/fp16 leaves are upcast)."""
+    return jnp.promote_types(_dtype(x), jnp.float32)
