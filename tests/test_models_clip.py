@@ -109,8 +109,11 @@ def test_clip_matches_torch(tmp_path, eos_token_id, hidden_act):
                                          attention_mask=torch.from_numpy(mask)).pooler_output
     got_txt = np.asarray(model.get_text_features(jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(got_txt, want_txt.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(float(model.logit_scale[...]), float(ref.logit_scale.detach()),
-                               rtol=1e-6)
+    with torch.no_grad():
+        want_logits = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                          pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    got_logits = model(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(got_logits, want_logits.logits_per_image.numpy(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("cls", ["CLIPVisionModel", "CLIPVisionModelWithProjection"])
@@ -168,3 +171,20 @@ def test_missing_repo_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model"):
         from_pretrained("no-such-org/no-such-model")
+    with pytest.raises(FileNotFoundError, match="neither a local directory"):
+        from_pretrained("./no/such/dir")
+
+
+def test_read_safetensors_half_precision(tmp_path):
+    """bfloat16/float16 tensors (numpy has no bfloat16) are read and cast to float32."""
+    from safetensors.torch import save_file
+
+    from epmq_jax.models.hf import read_safetensors
+
+    t = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(4).to(torch.float16),
+         "ids": torch.arange(6).reshape(2, 3)}
+    save_file(t, tmp_path / "model.safetensors")
+    got = read_safetensors(tmp_path)
+    assert got["a"].dtype == got["b"].dtype == np.float32 and got["ids"].dtype == np.int64
+    for k in t:
+        np.testing.assert_array_equal(got[k], t[k].float().numpy() if k != "ids" else t[k].numpy())

@@ -140,8 +140,11 @@ class CLIPConfig:
         The top-level ``projection_dim`` overrides the towers' own (as in transformers).
         """
         proj = d.get("projection_dim", 512)
-        vision = CLIPVisionConfig.from_dict({**d.get("vision_config", {}), "projection_dim": proj})
-        text = CLIPTextConfig.from_dict({**d.get("text_config", {}), "projection_dim": proj})
+        # old configs may carry the towers as *_config_dict instead
+        vision = d.get("vision_config") or d.get("vision_config_dict") or {}
+        text = d.get("text_config") or d.get("text_config_dict") or {}
+        vision = CLIPVisionConfig.from_dict({**vision, "projection_dim": proj})
+        text = CLIPTextConfig.from_dict({**text, "projection_dim": proj})
         return cls(vision_config=vision, text_config=text, projection_dim=proj,
                    logit_scale_init_value=d.get("logit_scale_init_value", 2.6592))
 

@@ -136,7 +136,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
             raise FileNotFoundError(f"{p} has no config.json")
         return p
     repo_id = str(path_or_repo_id)
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", repo_id):
         raise FileNotFoundError(f"{repo_id!r} is neither a local directory nor a hub repo id")
     try:
         import huggingface_hub
