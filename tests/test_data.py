@@ -95,3 +95,187 @@ def test_missing_dataset_fails_fast_with_clear_message(tmp_path):
     msg = str(err.value)
     assert "mnist" in msg and str(tmp_path) in msg and "never downloads" in msg
     assert not tfds_local.dataset_exists("mnist", tmp_path)
+
+
+# ----------------------------------------------------------------------------- registry
+
+from epmq_jax.data import calibration, registry  # noqa: E402
+from epmq_jax.models import templates  # noqa: E402
+
+
+def test_registry_covers_the_task_sets_and_tfds_metadata_agrees():
+    import tensorflow_datasets as tfds
+
+    assert len(templates.TASKS_8) == 8 and len(templates.TASKS_20) == 20
+    for task in templates.TASKS_20:
+        spec = registry.get_task(task)
+        assert spec.num_classes == len(templates.task_prompts(task).classnames), task
+        assert {"train", "test"} <= set(spec.splits)
+        if spec.tfds_name is None:
+            assert spec.hf_dataset, task  # tfds lacks it: a fallback must be named
+            continue
+        # tfds' builder code (offline metadata) knows the dataset, its keys and class count.
+        feats = tfds.builder(spec.tfds_name, data_dir="/nonexistent", try_gcs=False).info.features
+        assert isinstance(feats[spec.image_key], tfds.features.Image), task
+        n = feats[spec.label_key].num_classes
+        assert n == spec.num_classes or (task == "emnist_letters" and n == 37), (task, n)
+    assert registry.get_task("cars").name == "stanford_cars"
+    assert registry.get_task("svhn").tfds_name == "svhn_cropped"
+    assert registry.get_task("gtsrb").tfds_name is None
+    with pytest.raises(ValueError, match="Unknown task"):
+        registry.get_task("imagenet21k")
+
+
+def test_label_permutation_against_tfds_class_names():
+    import tensorflow_datasets as tfds
+
+    swapped = {}
+    for task in templates.TASKS_20:
+        spec = registry.get_task(task)
+        if spec.tfds_name is None:
+            continue
+        names = tfds.builder(spec.tfds_name, data_dir="/nonexistent",
+                             try_gcs=False).info.features[spec.label_key].names
+        perm = registry.label_permutation(task, names)
+        if perm is not None:
+            swapped[task] = [(i, int(p)) for i, p in enumerate(perm) if p != i]
+    # Tasks whose tfds names equal the head's names (up to case/punctuation) are matched...
+    assert {"stanford_cars", "resisc45", "dtd", "oxford_flowers102", "oxford_iiit_pet",
+            "fashion_mnist", "food101", "sun397"} <= set(swapped)
+    # ...and only Food-101 and SUN397 need re-indexing: two adjacent classes swapped each.
+    assert {t: len(v) for t, v in swapped.items() if v} == {"food101": 2, "sun397": 2}
+    i, j = swapped["food101"][0]
+    assert templates.task_prompts("food101").classnames[j] == "cheesecake"
+    assert swapped["food101"] == [(i, j), (j, i)]
+    assert registry.label_permutation("mnist", ["a"] * 10) is None
+
+
+def _fake_task_dataset(data_dir, name, n_train, n_test, num_classes, seed=0, names=None):
+    rng = np.random.default_rng(seed)
+    splits = {s: {"image": rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+                  "label": rng.integers(0, num_classes, n)}
+              for s, n in (("train", n_train), ("test", n_test)) if n}
+    feats = {"label": tfds_label(names)} if names else None
+    tfds_local.write_local_dataset(name, data_dir, splits, features=feats,
+                                   num_classes=None if names else {"label": num_classes})
+    return splits
+
+
+def tfds_label(names):
+    import tensorflow_datasets as tfds
+
+    return tfds.features.ClassLabel(names=names)
+
+
+def test_load_task_split_from_tfds_name_with_slicing_offset_and_reindexing(tmp_path, monkeypatch):
+    mn = _fake_task_dataset(tmp_path, "mnist", 9, 4, 10)
+    got = registry.load_task_split("mnist", "test", tmp_path, indices=[3, 1])
+    np.testing.assert_array_equal(got["image"], mn["test"]["image"][[3, 1]])
+    np.testing.assert_array_equal(got["label"], mn["test"]["label"][[3, 1]])
+    # RESISC45 has only a train split in tfds: train/validation/test are 60/20/20 slices of it.
+    rs = _fake_task_dataset(tmp_path, "resisc45", 10, 0, 45)
+    np.testing.assert_array_equal(registry.load_task_split("resisc45", "train", tmp_path)["label"],
+                                  rs["train"]["label"][:6])
+    np.testing.assert_array_equal(registry.load_task_split("resisc45", "test", tmp_path)["label"],
+                                  rs["train"]["label"][8:])
+    # Stored names in another order than the head's are re-indexed by name.
+    head = list(templates.task_prompts("dtd").classnames)
+    stored = head[::-1]
+    dt = _fake_task_dataset(tmp_path, "dtd", 12, 3, 47, names=stored)
+    got = registry.load_task_split("dtd", "train", tmp_path)["label"]
+    np.testing.assert_array_equal(got, 46 - dt["train"]["label"])
+    # A task with label_offset: stored labels 1..26 -> head indices 0..25.
+    spec = registry.TaskSpec(name="emnist_letters", num_classes=26, tfds_name="tiny_letters",
+                             label_offset=-1)
+    monkeypatch.setitem(registry.TASKS, "emnist_letters", spec)
+    rng = np.random.default_rng(0)
+    lab = rng.integers(1, 27, 8)
+    tfds_local.write_local_dataset("tiny_letters", tmp_path, {
+        "train": {"image": np.zeros((8, 2, 2, 1), np.uint8), "label": lab},
+        "test": {"image": np.zeros((1, 2, 2, 1), np.uint8), "label": lab[:1]}},
+        num_classes={"label": 37})
+    np.testing.assert_array_equal(
+        registry.load_task_split("emnist_letters", "train", tmp_path)["label"], lab - 1)
+    with pytest.raises(ValueError, match="no split 'extra'"):
+        registry.load_task_split("mnist", "extra", tmp_path)
+
+
+def test_image_folder_fallback_for_gtsrb(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "gtsrb_raw"
+    expected = {}
+    for split, per_class in (("train", 2), ("test", 1)):
+        imgs, labels = [], []
+        for c in range(43):
+            d = root / split / f"{c:05d}"
+            d.mkdir(parents=True)
+            for k in range(per_class):
+                img = rng.integers(0, 256, (5 + c % 3, 6, 3), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{k}.ppm")
+                imgs.append(img)
+                labels.append(c)
+        expected[split] = (imgs, np.array(labels))
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(tfds_local.DatasetNotFoundError, match="prepare_from_image_folder"):
+        registry.load_task_split("gtsrb", "train", data_dir)
+    registry.prepare_from_image_folder("gtsrb", root, data_dir)
+    for split, (imgs, labels) in expected.items():
+        got = registry.load_task_split("gtsrb", split, data_dir)
+        np.testing.assert_array_equal(got["label"], labels)
+        assert len(got["image"]) == len(imgs)
+        for a, b in zip(got["image"], imgs):
+            np.testing.assert_array_equal(a, b)
+    bad = tmp_path / "bad"
+    (bad / "train" / "a").mkdir(parents=True)
+    (bad / "test" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="43 classes"):
+        registry.prepare_from_image_folder("gtsrb", bad, data_dir, overwrite=True)
+
+
+def test_missing_task_data_fails_fast_with_instructions(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(tfds_local.DatasetNotFoundError) as err:
+        registry.load_task_split("sun397", "train", tmp_path)
+    assert "tfds build sun397/tfds --file_format=array_record" in str(err.value)
+    with pytest.raises(tfds_local.DatasetNotFoundError, match="offline"):
+        registry.prepare_from_hf("gtsrb", tmp_path)  # conftest sets HF_*_OFFLINE
+    assert time.monotonic() - t0 < 10
+    _fake_task_dataset(tmp_path, "mnist", 9, 2, 10)  # one task present, the next one missing
+    with pytest.raises(tfds_local.DatasetNotFoundError, match="task 'cifar10'"):
+        calibration.sample_calibration(["mnist", "cifar10"], 4, tmp_path)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_indices_seeded_without_replacement():
+    a = calibration.calibration_indices(1000, 100, seed=3, task="mnist")
+    assert a.shape == (100,) and len(np.unique(a)) == 100 and np.all(np.diff(a) > 0)
+    assert a.min() >= 0 and a.max() < 1000
+    np.testing.assert_array_equal(a, calibration.calibration_indices(1000, 100, seed=3, task="mnist"))
+    assert not np.array_equal(a, calibration.calibration_indices(1000, 100, seed=4, task="mnist"))
+    assert not np.array_equal(a, calibration.calibration_indices(1000, 100, seed=3, task="svhn"))
+    np.testing.assert_array_equal(calibration.calibration_indices(7, 7), np.arange(7))
+    for n in (0, 8):
+        with pytest.raises(ValueError, match="Calibration size"):
+            calibration.calibration_indices(7, n)
+    # Uniform over positions: every index is drawn about equally often over many seeds.
+    counts = np.bincount(np.concatenate([calibration.calibration_indices(20, 5, seed=s)
+                                         for s in range(2000)]), minlength=20)
+    np.testing.assert_allclose(counts / 2000, 5 / 20, atol=0.04)
+
+
+def test_sample_calibration_reads_the_sampled_train_examples(tmp_path):
+    mn = _fake_task_dataset(tmp_path, "mnist", 30, 5, 10, seed=1)
+    sv = _fake_task_dataset(tmp_path, "svhn_cropped", 25, 5, 10, seed=2)
+    got = calibration.sample_calibration(["mnist", "svhn"], 6, tmp_path, seed=9)
+    again = calibration.sample_calibration(["svhn", "mnist"], 6, tmp_path, seed=9)
+    for task, src in (("mnist", mn), ("svhn", sv)):
+        idx = calibration.calibration_indices(len(src["train"]["label"]), 6, seed=9, task=task)
+        np.testing.assert_array_equal(got[task]["image"], src["train"]["image"][idx])
+        np.testing.assert_array_equal(got[task]["label"], src["train"]["label"][idx])
+        np.testing.assert_array_equal(again[task]["image"], got[task]["image"])
+    with pytest.raises(ValueError, match="Calibration size"):
+        calibration.sample_calibration(["mnist"], 31, tmp_path)

@@ -23,6 +23,14 @@ _EXPORTS = {
     "open_split": "tfds_local",
     "dataset_exists": "tfds_local",
     "split_sizes": "tfds_local",
+    "TaskSpec": "registry",
+    "TASKS": "registry",
+    "get_task": "registry",
+    "load_task_split": "registry",
+    "prepare_from_image_folder": "registry",
+    "prepare_from_hf": "registry",
+    "calibration_indices": "calibration",
+    "sample_calibration": "calibration",
 }
 
 __all__ = sorted(_EXPORTS)
