@@ -140,6 +140,36 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     return buckets + jnp.where(is_small, distance, large)
 
 
+def position_bias(table: jax.Array, query_length: int, key_length: int, *, bidirectional: bool,
+                  max_distance: int) -> jax.Array:
+    """The additive attention bias ``(1, H, query_length, key_length)``.
+
+    Args:
+      table: the ``relative_attention_bias`` embedding, ``(num_buckets, H)``.
+      bidirectional: True in the encoder, False (causal) in the decoder.
+      max_distance: ``relative_attention_max_distance``.
+    """
+    rel = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
+    bucket = relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=table.shape[0],
+                                      max_distance=max_distance)
+    return jnp.transpose(table[bucket], (2, 0, 1))[None]
+
+
+def self_attention_mask(attention_mask: jax.Array | None, length: int, *, causal: bool
+                        ) -> jax.Array | None:
+    """Boolean self-attention mask broadcastable to (B, H, L, L), True = may attend.
+
+    Args:
+      attention_mask: (B, L), 1 for tokens and 0 for padding, or None (no padding).
+      causal: also forbid attending to later positions (the decoder).
+    """
+    mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+    if causal:
+        tri = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        mask = tri if mask is None else mask & tri
+    return mask
+
+
 class T5Attention(nnx.Module):
     """Multi-head attention with ``q, k, v, o`` kernels ``(d_model, H*d_kv)`` / ``(H*d_kv, d_model)``.
 
@@ -152,7 +182,6 @@ class T5Attention(nnx.Module):
         self.num_heads = config.num_heads
         self.d_kv = config.d_kv
         self.causal = causal
-        self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         inner = config.num_heads * config.d_kv
         linear = partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -167,11 +196,8 @@ class T5Attention(nnx.Module):
 
     def position_bias(self, query_length: int, key_length: int) -> jax.Array:
         """The relative position bias ``(1, H, query_length, key_length)``."""
-        rel = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
-        bucket = relative_position_bucket(rel, bidirectional=not self.causal,
-                                          num_buckets=self.num_buckets,
-                                          max_distance=self.max_distance)
-        return jnp.transpose(self.relative_attention_bias(bucket), (2, 0, 1))[None]
+        return position_bias(self.relative_attention_bias.embedding[...], query_length, key_length,
+                             bidirectional=not self.causal, max_distance=self.max_distance)
 
     def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array, mask: jax.Array | None
                  ) -> jax.Array:
@@ -309,10 +335,7 @@ class T5Stack(nnx.Module):
           attention_mask: (B, L) with 1 for real tokens and 0 for padding, or None.
         """
         bias = self.block[0].layer[0].SelfAttention.position_bias(length, length)
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
-        if self.is_decoder:
-            causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-            mask = causal if mask is None else mask & causal
+        mask = self_attention_mask(attention_mask, length, causal=self.is_decoder)
         return bias, mask
 
     def __call__(self, embeds: jax.Array, attention_mask: jax.Array | None = None,
