@@ -158,3 +158,51 @@ def test_generate_answers_batches_strips_start_eos_and_pad():
                                    np.ones_like(ids), batch_size=2)
     assert out == [f"{10 + i},{110 + i}" for i in range(5)]
     assert calls == [(2, 3)] * 3  # the short last batch was padded to the batch size
+
+
+# --- teacher-forced inputs and local tfds data -------------------------------------------------
+
+
+def _char_tokenize(s):
+    return [ord(c) % 50 + 2 for c in s] + [1]  # ids >= 2, then </s> = 1
+
+
+def test_seq2seq_batch_shifts_targets_behind_the_start_token():
+    batch = data.seq2seq_batch(["abc", "de"], ["yes", "no"], _char_tokenize, max_length=5,
+                               max_target_length=4)
+    yes, no = _char_tokenize("yes"), _char_tokenize("no")
+    np.testing.assert_array_equal(batch["decoder_input_ids"], [[0, *yes[:3]], [0, *no[:2], 0]])
+    np.testing.assert_array_equal(batch["decoder_attention_mask"], [[1, 1, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+
+
+def test_load_examples_and_calibration_inputs_from_local_tfds(tmp_path):
+    from epmq_jax.data import tfds_local
+
+    sentences = [f"sentence number {i}." for i in range(12)]
+    labels = np.arange(12) % 2
+    tfds_local.write_local_dataset(
+        "cola", tmp_path / "glue",
+        {"train": {"sentence": sentences, "label": labels},
+         "validation": {"sentence": sentences[:3], "label": labels[:3]}},
+        num_classes={"label": 2})
+    val = data.load_examples("cola", None, tmp_path)
+    assert list(val["sentence"]) == sentences[:3] and list(val["label"]) == [0, 1, 0]
+    assert data.format_example("cola", data.examples(val)[1])[1] == "acceptable"
+
+    batch = data.calibration_inputs("cola", tmp_path, 5, _char_tokenize, seed=3, max_length=200,
+                                    max_target_length=16)
+    assert batch["input_ids"].shape == (5, 200) and batch["decoder_input_ids"].shape == (5, 16)
+    # rows are 5 distinct train examples, each with its own prompt and answer
+    prompts = {tuple(r[m == 1]) for r, m in zip(batch["input_ids"], batch["attention_mask"])}
+    every = {tuple(_char_tokenize(data.format_input("cola", {"sentence": s})))[:200]: lab
+             for s, lab in zip(sentences, labels)}
+    assert len(prompts) == 5 and prompts <= set(every)
+    for row, dec in zip(batch["input_ids"], batch["decoder_input_ids"]):
+        key = tuple(row[row != 0])
+        answer = data.format_target("cola", every[key])
+        want = [0, *_char_tokenize(answer)[:-1]]
+        np.testing.assert_array_equal(dec[: len(want)], want)
+    again = data.calibration_inputs("cola", tmp_path, 5, _char_tokenize, seed=3, max_length=200,
+                                    max_target_length=16)
+    np.testing.assert_array_equal(again["input_ids"], batch["input_ids"])  # seeded

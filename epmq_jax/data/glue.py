@@ -18,6 +18,7 @@ STS-B). :func:`format_example` turns it into ``(input_text, target_text)``;
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -181,24 +182,80 @@ def encode_texts(texts: Sequence[str], tokenize: Callable[[str], Sequence[int]],
     return ids, mask
 
 
-def load_examples(task: GlueTask | str, split: str | None = None, *, data_dir: str | None = None,
-                  limit: int | None = None) -> list[dict[str, Any]]:
-    """Reads a GLUE split through tensorflow-datasets (no TensorFlow needed).
+def seq2seq_batch(inputs: Sequence[str], targets: Sequence[str],
+                  tokenize: Callable[[str], Sequence[int]], *, max_length: int,
+                  max_target_length: int, decoder_start_id: int = 0, pad_id: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """Teacher-forced encoder-decoder inputs, as the model saw them in fine-tuning.
+
+    The decoder input is the target's tokens shifted right behind the start token
+    (``[start] + labels[:-1]``, ``labels`` ending in ``</s>``), so each position's hidden state
+    is the one that predicts the next answer token.
 
     Args:
-      task: task or name. split: defaults to ``task.eval_split``.
-      data_dir: tfds data directory (where ``glue/<task>`` was prepared); tfds' default if None.
-      limit: read at most this many examples, from the start of the split.
+      inputs, targets: B prompts and B answers (:func:`format_example`).
+      tokenize: text -> ids, appending the end-of-sequence id (see :func:`encode_texts`).
+      max_length: encoder length S. max_target_length: decoder length L.
+      decoder_start_id, pad_id: T5 uses 0 for both.
 
     Returns:
-      A list of dicts with the task's text fields (str) and ``label``.
+      ``{"input_ids", "attention_mask"}`` int32 (B, S) and ``{"decoder_input_ids",
+      "decoder_attention_mask"}`` int32 (B, L).
     """
-    import tensorflow_datasets as tfds  # data extra; imported lazily
+    if len(inputs) != len(targets):
+        raise ValueError(f"seq2seq_batch: {len(inputs)} inputs but {len(targets)} targets")
+    ids, mask = encode_texts(inputs, tokenize, max_length=max_length, pad_id=pad_id)
+    shifted = [[decoder_start_id, *list(tokenize(t))[:-1]] for t in targets]
+    dec, dec_mask = encode_texts(shifted, lambda x: x, max_length=max_target_length, pad_id=pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec,
+            "decoder_attention_mask": dec_mask}
+
+
+def load_examples(task: GlueTask | str, split: str | None, data_dir: str | os.PathLike, *,
+                  indices: Sequence[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Reads a GLUE split prepared for tensorflow-datasets (array_record; no TF, no network).
+
+    Args:
+      task: task or name. split: tfds split (slicing allowed); None = ``task.eval_split``.
+      data_dir: the tfds data directory holding ``glue/<task>/<version>``.
+      indices: positions to read; default: the whole split.
+
+    Returns:
+      ``{field: str array (n,), "label": (n,)}`` for the task's text fields.
+
+    Raises:
+      epmq_jax.data.tfds_local.DatasetNotFoundError: not prepared under ``data_dir``.
+    """
+    from epmq_jax.data import tfds_local  # imports tensorflow_datasets
 
     task = get_task(task) if isinstance(task, str) else task
     split = task.eval_split if split is None else split
-    if limit is not None:
-        split = f"{split}[:{int(limit)}]"
-    source = tfds.data_source(task.tfds_name, split=split, data_dir=data_dir, download=False)
-    return [{**{f: _text(ex[f]) for f in task.fields}, "label": np.asarray(ex["label"]).item()}
-            for ex in (source[i] for i in range(len(source)))]
+    return tfds_local.load_split(task.tfds_name, split, data_dir, indices=indices,
+                                 keys=[*task.fields, "label"])
+
+
+def examples(columns: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Columns ``{field: (n,)}`` -> n example dicts (for :func:`format_example`)."""
+    n = len(columns["label"])
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+def calibration_inputs(task: GlueTask | str, data_dir: str | os.PathLike, n: int,
+                       tokenize: Callable[[str], Sequence[int]], *, seed: int = 0,
+                       max_length: int = 256, max_target_length: int = 8
+                       ) -> dict[str, np.ndarray]:
+    """``n`` seeded train examples of ``task`` as teacher-forced model inputs (:func:`seq2seq_batch`).
+
+    The sample is :func:`epmq_jax.data.calibration.calibration_indices` of the train split, so it
+    depends only on (seed, task, split size, n).
+    """
+    from epmq_jax.data import tfds_local
+    from epmq_jax.data.calibration import calibration_indices
+
+    task = get_task(task) if isinstance(task, str) else task
+    size = len(tfds_local.open_split(task.tfds_name, task.train_split, data_dir))
+    idx = calibration_indices(size, n, seed=seed, task=f"glue/{task.name}")
+    pairs = [format_example(task, ex) for ex in
+             examples(load_examples(task, task.train_split, data_dir, indices=idx))]
+    return seq2seq_batch([p for p, _ in pairs], [t for _, t in pairs], tokenize,
+                         max_length=max_length, max_target_length=max_target_length)
