@@ -203,7 +203,7 @@ def from_hf(config: dict, tensors: dict[str, np.ndarray]) -> BertModel:
     """
     cfg = BertConfig.from_dict(config)
     names = {n.removeprefix("bert.") for n in tensors}
-    model = hf.abstract(lambda: BertModel(cfg, rngs=nnx.Rngs(0),
+    model = hf.abstract(lambda: BertModel(cfg, rngs=hf.ABSTRACT_RNGS,
                                           add_pooling_layer="pooler.dense.weight" in names))
     return hf.load_into(model, tensors, lambda n: n.removeprefix("bert."),
                         ignore=[r"position_ids$", r"token_type_ids$", r"^(cls|classifier)\."])

@@ -397,13 +397,13 @@ def from_hf(config: dict, tensors: dict[str, np.ndarray]) -> CLIPModel | CLIPVis
                     return new + name[len(old):]
             return name
 
-        model = hf.abstract(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
+        model = hf.abstract(lambda: CLIPModel(cfg, rngs=hf.ABSTRACT_RNGS))
         return hf.load_into(model, tensors, rename, ignore)
     if model_type == "clip_vision_model":
         cfg = CLIPVisionConfig.from_dict(config)
         with_projection = "visual_projection.weight" in tensors
         model = hf.abstract(lambda: CLIPVisionModelWithProjection(
-            cfg, rngs=nnx.Rngs(0), with_projection=with_projection))
+            cfg, rngs=hf.ABSTRACT_RNGS, with_projection=with_projection))
         return hf.load_into(model, tensors, lambda n: n.removeprefix("vision_model."), ignore)
     raise ValueError(f"clip.from_hf: model_type={model_type!r}; expected 'clip' or "
                      "'clip_vision_model'")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -76,17 +77,20 @@ def _read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-        data = f.read()
+        data = bytearray(path.stat().st_size - 8 - n)  # writable, so the arrays are too
+        f.readinto(data)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
         start, end = info["data_offsets"]
-        arr = np.frombuffer(data[start:end], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-        if np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16:
-            arr = arr.astype(np.float32)
+        arr = np.frombuffer(data, dtype, (end - start) // dtype.itemsize, start)
+        arr = arr.reshape(info["shape"])
+        if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16:
+            arr = arr.astype(np.float32, copy=False)
         out[name] = arr
     return out
 
@@ -222,9 +226,26 @@ def load_into(module: nnx.Module, tensors: dict[str, np.ndarray],
     return module
 
 
+class _ConstantRngs:
+    """Stands in for ``nnx.Rngs`` while a module is built abstractly: every stream (``.params()``,
+    ``.default()``, ...) yields the same key. Values are never computed under ``nnx.eval_shape``,
+    so the key does not matter, and this skips ``nnx.Rngs``' per-key counter update, which under
+    tracing costs time quadratic in the model size (~20 s for CLIP B/32 with flax 0.12)."""
+
+    def __call__(self) -> jax.Array:
+        return jax.random.key(0)
+
+    def __getattr__(self, stream: str) -> _ConstantRngs:
+        return self
+
+
+#: Pass as ``rngs`` to a model built inside :func:`abstract`.
+ABSTRACT_RNGS: Any = _ConstantRngs()
+
+
 def abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
     """Builds a module without allocating or initialising its params (``nnx.eval_shape``), to
-    be filled by :func:`load_into`."""
+    be filled by :func:`load_into`: ``abstract(lambda: Model(cfg, rngs=hf.ABSTRACT_RNGS))``."""
     return nnx.eval_shape(build)
 
 
