@@ -45,3 +45,20 @@ def test_bert_hidden_states_match_torch(tmp_path, pooler):
     with torch.no_grad():
         plain = ref(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
     np.testing.assert_allclose(model(jnp.asarray(ids)), plain, atol=1e-4, rtol=0)
+
+
+def test_bert_from_task_checkpoint(tmp_path):
+    """BertFor* checkpoints: names carry ``bert.``; the task head is not part of the encoder."""
+    from epmq_jax.models import from_pretrained
+
+    torch.manual_seed(1)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=8, num_labels=3)
+    ref = transformers.BertForSequenceClassification(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    ids = np.random.default_rng(0).integers(0, 50, size=(2, 8))
+    with torch.no_grad():
+        want = ref.bert(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(model(jnp.asarray(ids)), want, atol=1e-4, rtol=0)
