@@ -185,16 +185,38 @@ def _block_label(row: Mapping[str, Any], block: str) -> str:
     return switch_label(row, keys) + (" (default)" if row["default"] else "")
 
 
-def _short(task: str, width: int) -> str:
-    return task if len(task) <= width else task[: width - 1] + "…"
+def short_task_names(tasks: Sequence[str], width: int = 8) -> list[str]:
+    """Column labels of at most ``width`` characters, unique, for the terminal table.
+
+    A name that is too long loses the first ``_``-token most tasks share (``mnist_rot90`` ->
+    ``rot90``); if still too long, it becomes its longest token (``flip_parity`` -> ``parity``);
+    then it is truncated. Duplicates fall back to the truncated full name plus its column index.
+    """
+    heads = [t.split("_", 1)[0] for t in tasks if "_" in t]
+    common = max(set(heads), key=heads.count) if heads else None
+    out = []
+    for t in tasks:
+        s = t
+        if len(s) > width and common and s.startswith(common + "_"):
+            s = s[len(common) + 1:]
+        if len(s) > width:
+            s = max(s.split("_"), key=len)
+        out.append(s[:width])
+    if len(set(out)) < len(out):
+        out = [f"{t[: width - 2]}{i}" for i, t in enumerate(tasks)]
+    return out
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = None, col_width: int = 7) -> str:
-    """Renders the rows as a fixed-width text table: per-task accuracies and their average, by block."""
+def format_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = None, col_width: int = 8) -> str:
+    """Renders the rows as a fixed-width text table: per-task accuracies and their average, by block.
+
+    Task columns carry :func:`short_task_names` labels (results.md and .csv keep the full names).
+    """
     tasks = tasks_of(rows)
     blocks = table_blocks(rows)
     label_w = max([len(_block_label(r, k)) for k, _, b in blocks for r in b] + [24]) + 2
-    header = " " * label_w + "".join(f"{_short(t, col_width):>{col_width + 1}}" for t in tasks) + f"{'avg':>{col_width + 1}}"
+    header = " " * label_w + "".join(f"{t:>{col_width + 1}}" for t in short_task_names(tasks, col_width)) \
+        + f"{'avg':>{col_width + 1}}"
     lines = [title] if title else []
     lines.append(header)
     for kind, btitle, brows in blocks:

@@ -140,3 +140,12 @@ def test_plots_skip_what_has_no_data(tmp_path):
     rows = [r for r in synthetic_rows() if r["block"] == "main" and r["bits"] is None]
     paths = plots.plot_all(rows, tmp_path)
     assert [p.name for p in paths] == ["per_task.png"]
+
+
+def test_short_task_names_are_unique_and_short():
+    suite = ["mnist", "mnist_inverted", "mnist_rot90", "mnist_flip_parity", "mnist_noise",
+             "mnist_block_shuffle", "mnist_elastic_shift", "digits_upscaled"]
+    assert report.short_task_names(suite) == ["mnist", "inverted", "rot90", "parity", "noise", "shuffle",
+                                              "elastic", "upscaled"]
+    clash = report.short_task_names(["x_long_name_a", "x_long_name_b"], width=6)
+    assert len(set(clash)) == 2 and all(len(c) <= 6 for c in clash)
