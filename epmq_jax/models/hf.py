@@ -179,7 +179,8 @@ def load_into(module: nnx.Module, tensors: dict[str, np.ndarray],
     ``weight`` lands on whichever of ``kernel``, ``scale`` or ``embedding`` the model has there;
     other names must match the model path exactly. Kernels are converted from torch layout
     (2-D ``(out, in)`` -> ``(in, out)``, 4-D OIHW -> HWIO). ``module`` may be abstract (from
-    ``nnx.eval_shape``): every param is replaced by a float32 ``jax.Array``.
+    :func:`abstract`): every param is replaced by a ``jax.Array`` of the param's own dtype.
+    Two checkpoint names for one param (tied weights) are an error: drop one with ``rename``.
 
     Args:
         module: the nnx module to fill.
@@ -208,7 +209,7 @@ def load_into(module: nnx.Module, tensors: dict[str, np.ndarray],
             stem = path[: -len("weight")]
             path = next((stem + leaf for leaf in ("kernel", "scale", "embedding")
                          if stem + leaf in params), path)
-        if path not in params:
+        if path not in params or path in assigned:
             unknown.append(name)
             continue
         value = _hf_to_flax_layout(path.rsplit("/", 1)[-1], np.asarray(value))
@@ -220,7 +221,7 @@ def load_into(module: nnx.Module, tensors: dict[str, np.ndarray],
     missing = sorted(set(params) - set(assigned) - {m[1] for m in mismatched})
     if unknown or missing or mismatched:
         raise CheckpointMismatchError(sorted(unknown), missing, mismatched)
-    new = {p: jnp.asarray(v, dtype=jnp.float32) for p, v in assigned.items()}
+    new = {p: jnp.asarray(v, dtype=params[p].dtype) for p, v in assigned.items()}
     flat = [(key, new[path_str(key)]) for key, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
     nnx.update(module, nnx.from_flat_state(flat))
     return module
