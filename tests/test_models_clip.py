@@ -195,3 +195,25 @@ def test_read_safetensors_half_precision(tmp_path):
     assert got["a"].dtype == got["b"].dtype == np.float32 and got["ids"].dtype == np.int64
     for k in t:
         np.testing.assert_array_equal(got[k], t[k].float().numpy() if k != "ids" else t[k].numpy())
+
+
+def test_load_into_layouts_dtype_and_duplicates():
+    """Torch layouts -> Flax ones on a bare module; the param's dtype is kept; a second name for
+    a filled param is reported."""
+    from epmq_jax.models.hf import CheckpointMismatchError, load_into
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+            self.conv = nnx.Conv(3, 4, (2, 2), use_bias=False, rngs=nnx.Rngs(0))
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)  # torch (out, in)
+    c = np.arange(48, dtype=np.float32).reshape(4, 3, 2, 2)  # torch OIHW
+    tensors = {"fc.weight": w, "fc.bias": np.ones(2, np.float32), "conv.weight": c}
+    net = load_into(Net(), tensors)
+    assert net.fc.kernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(net.fc.kernel[...], np.float32), w.T)
+    np.testing.assert_array_equal(net.conv.kernel[...][1, 0, 2, 3], c[3, 2, 1, 0])  # [h,w,i,o]
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_into(Net(), {**tensors, "tied.weight": w}, rename=lambda n: n.replace("tied", "fc"))
+    assert err.value.unknown == ["tied.weight"] and not err.value.missing
