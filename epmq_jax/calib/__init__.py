@@ -2,12 +2,28 @@
 solve, and the sequential block-by-block driver over Flax models (METHOD.md §4, §6).
 """
 
+from epmq_jax.calib.adapter import (
+    CalibAdapter,
+    NnxAdapter,
+    capture_linen,
+    capture_nnx,
+    vit_adapter,
+)
+from epmq_jax.calib.driver import CalibConfig, CalibResult, calibrate
 from epmq_jax.calib.layer import epmq_layer
 from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
 from epmq_jax.calib.solve import round_weight, solve, solve_layer
 from epmq_jax.calib.stats import Moments, accumulate, fold_task, moments, task_weight
 
 __all__ = [
+    "CalibAdapter",
+    "CalibConfig",
+    "CalibResult",
+    "NnxAdapter",
+    "calibrate",
+    "capture_linen",
+    "capture_nnx",
+    "vit_adapter",
     "Moments",
     "Objective",
     "System",

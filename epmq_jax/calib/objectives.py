@@ -12,10 +12,11 @@ From the accumulated statistics H_d = Σ_t ω_t X_tᵀX_t, B_d = Σ_t ω_t X_t�
 - ``epmq``: expert targets with an anchor of strength λ toward W_m:
   ``weight``: H = H_d + λcI, B = B_d + λcW_m, c = mean(diag H_d);
   ``output``: H = (1+λ)H_d, B = B_d + λH_d W_m.
-- ``regmean``: the λ = 0 relaxation, H = H_d, B = B_d.
+- ``regmean``: the λ = 0 relaxation with X̃_t = X_t, H = H_d, B = Σ_t ω_t X_tᵀX_t W_t (RegMean
+  with Gram matrices taken on the path being merged, sequentially).
 
-The target-side input X̃_t (``target``) is ``expert`` (the input the layer sees in expert t's
-own forward pass), ``merged`` (X̃_t = X_t) or ``mix`` (α·expert + (1−α)·X_t).
+For ``epmq`` the target-side input X̃_t (``target``) is ``expert`` (the input the layer sees in
+expert t's own forward pass), ``merged`` (X̃_t = X_t) or ``mix`` (α·expert + (1−α)·X_t).
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ class Objective:
         merge) or ``regmean`` (match the experts, no anchor).
       lam: anchor strength λ ≥ 0 (``epmq`` only).
       anchor: ``output`` (Σ_t ω_t‖X_t(Q − W_m)‖²) or ``weight`` (c‖Q − W_m‖²_F, c = mean diag H_d).
-      target: target-side input X̃_t: ``expert``, ``merged`` or ``mix``.
+      target: target-side input X̃_t of ``epmq``: ``expert``, ``merged`` or ``mix``
+        (``regmean`` always uses X̃_t = X_t).
       alpha: the expert share α of ``mix``.
       task_weights: ω_t: ``uniform`` (1), ``tokens`` (1/n_t) or ``frobenius`` (1/‖X_tᵀX_t‖_F).
+        Default (None): ``uniform`` for ``gptq`` (all calibration rows alike, as GPTQ on
+        concatenated data) and ``frobenius`` otherwise.
     """
 
     kind: Literal["gptq", "epmq", "regmean"] = "epmq"
@@ -53,9 +57,11 @@ class Objective:
     anchor: Literal["weight", "output"] = "output"
     target: Literal["expert", "merged", "mix"] = "expert"
     alpha: float = 0.25
-    task_weights: TaskWeighting = "frobenius"
+    task_weights: TaskWeighting | None = None
 
     def __post_init__(self):
+        if self.task_weights is None:
+            object.__setattr__(self, "task_weights", "uniform" if self.kind == "gptq" else "frobenius")
         if self.kind not in KINDS:
             raise ValueError(f"objective kind must be one of {KINDS}, got {self.kind!r}")
         if self.anchor not in ANCHORS:
@@ -77,7 +83,7 @@ class Objective:
     @property
     def needs_expert_inputs(self) -> bool:
         """Whether X̃_t comes from the expert paths (so they must be run beside the quantized one)."""
-        return self.needs_targets and self.target != "merged"
+        return self.kind == "epmq" and self.target != "merged"
 
 
 class System(NamedTuple):
@@ -94,7 +100,7 @@ class System(NamedTuple):
 
 def target_input(x: jax.Array, x_expert: jax.Array | None, objective: Objective) -> jax.Array:
     """X̃_t from the quantized-path input ``x`` and the expert-path input ``x_expert`` (same shape)."""
-    if objective.target == "merged" or not objective.needs_targets:
+    if not objective.needs_expert_inputs:
         return x
     if x_expert is None:
         raise ValueError(f"target={objective.target!r} needs the expert-path inputs")

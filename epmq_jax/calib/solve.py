@@ -9,8 +9,9 @@ as a tiny weight anchor toward W_m rather than a pull toward 0. Hence W* = W_m e
 B = HW_m (GPTQ's objective, or a single expert equal to the merge), whatever δ; a dead input
 keeps its W_m row; and with δ = 0 on a positive-definite H the solve is the exact H⁻¹B.
 
-Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``)
-or ``none`` (W* itself, float).
+Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``),
+``awq`` (``epmq_jax.quant.awq_search(W*, H, mean|x|)``: activation-aware scales, then RTN) or
+``none`` (W* itself, float).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from epmq_jax.calib.objectives import Objective, System, layer_system, objective
 from epmq_jax.calib.stats import Moments
 from epmq_jax.quant._gptq import _damped_factor
 
-Rounding = Literal["gptq", "rtn", "none"]
-ROUNDINGS = ("gptq", "rtn", "none")
+Rounding = Literal["gptq", "rtn", "awq", "none"]
+ROUNDINGS = ("gptq", "rtn", "awq", "none")
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -67,8 +68,8 @@ def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01) -> 
 
 
 def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gptq", *,
-                 damp: float = 0.01, **gptq_options: Any):
-    """Rounds a relaxed kernel: ``gptq(W*, H)``, ``rtn(W*)`` or ``none`` (W* as float).
+                 damp: float = 0.01, act_mean: jax.Array | None = None, **options: Any):
+    """Rounds a relaxed kernel: ``gptq(W*, H)``, ``rtn(W*)``, ``awq`` or ``none`` (W* as float).
 
     Args:
       w_star: ``(d_in, d_out)`` float kernel.
@@ -76,8 +77,9 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
       spec: :class:`epmq_jax.quant.QuantSpec`.
       rounding: ``gptq``, ``rtn`` or ``none``.
       damp: GPTQ damping δ.
-      **gptq_options: further keyword options of :func:`epmq_jax.quant.gptq`
-        (``block_size``, ``act_order``, ``static_groups``).
+      act_mean: mean |x| per input channel ``(d_in,)`` (needed by ``awq``).
+      **options: keyword options of the rounder: :func:`epmq_jax.quant.gptq` (``block_size``,
+        ``act_order``, ``static_groups``) or :func:`epmq_jax.quant.awq_search` (``n_grid``, ``clip``).
 
     Returns:
       ``(q, info)``: a :class:`epmq_jax.quant.QuantizedWeight` (the float array for ``none``)
@@ -90,8 +92,13 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
     if rounding == "rtn":
         return quant.rtn(w_star, spec), {}
     if rounding == "gptq":
-        q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **gptq_options)
+        q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **options)
         return q, {"gptq_damp": info.damp_used}
+    if rounding == "awq":
+        if act_mean is None:
+            raise ValueError("rounding='awq' needs act_mean (mean |x| per input channel)")
+        q, info = quant.awq_search(w_star, h, act_mean, spec, return_info=True, **options)
+        return q, {"awq_ratio": info["ratio"]}
     raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
@@ -119,7 +126,7 @@ def _system_jit(objective: Objective, lam: jax.Array, m: Moments, w_merged: jax.
 
 def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
                 rounding: Rounding = "gptq", damp: float = 0.01, path: str = "",
-                **gptq_options: Any) -> tuple[Any, dict]:
+                **options: Any) -> tuple[Any, dict]:
     """Objective → (W*, H) → rounder, for one layer, with its solver statistics.
 
     Args:
@@ -127,10 +134,10 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
       m: the layer's ω-weighted :class:`~epmq_jax.calib.stats.Moments`.
       w_merged: merged kernel W_m ``(d_in, d_out)``.
       spec: quantization spec (unused for ``rounding="none"``).
-      rounding: ``gptq``, ``rtn`` or ``none``.
+      rounding: ``gptq``, ``rtn``, ``awq`` or ``none``.
       damp: δ of both the solve and GPTQ.
       path: the layer's leaf path, for messages and the statistics.
-      **gptq_options: passed to :func:`epmq_jax.quant.gptq`.
+      **options: passed to the rounder (see :func:`round_weight`).
 
     Returns:
       ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*) and a JSON-able dict
@@ -159,7 +166,8 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     if not bool(info["ok"]):
         raise ValueError(f"{path}: H {system.h.shape} is not positive definite even with damping "
                          f"{float(info['damp']):.3g} (non-finite statistics?)")
-    q, rinfo = round_weight(w_star, system.h, spec, rounding, damp=damp, **gptq_options)
+    act_mean = m.abs_sum / jnp.maximum(m.n, 1.0) if rounding == "awq" else None
+    q, rinfo = round_weight(w_star, system.h, spec, rounding, damp=damp, act_mean=act_mean, **options)
     rep = jax.device_get({**_report(system, w_merged, w_star, effective_kernel(q)), **rinfo})
     stats = {"path": path, **{k: float(v) for k, v in rep.items()},
              "cond": None if info["cond"] is None else float(info["cond"]),

@@ -1,0 +1,238 @@
+"""The adapter protocol between the sequential driver and a model family, and helpers to write one.
+
+The driver (:mod:`epmq_jax.calib.driver`) works on pure parameter pytrees (nested dicts) and
+never imports model code. An adapter tells it how to embed the inputs, where the blocks are,
+which kernels each block holds (grouped by shared input, in execution order), and how to run
+one block while capturing every linear layer's input. See docs/internals.md (the contract) and
+docs/adapters.md (how to write one for your own linen or nnx model).
+
+Adapters must be hashable (frozen dataclasses): the driver's compiled functions take the
+adapter as a static argument, so equal adapters share compiled code across runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+PyTree = Any
+Captures = dict[str, Any]
+
+
+@runtime_checkable
+class CalibAdapter(Protocol):
+    """What the driver needs to know about a model family (all methods pure and jit-able)."""
+
+    def embed(self, params: PyTree, inputs: PyTree) -> PyTree:
+        """Model inputs (leading axis = samples) -> block 0's input carry (leaves: leading axis = samples)."""
+
+    def block_paths(self, params: PyTree) -> Sequence[tuple]:
+        """Key paths (tuples of dict keys / ints) of the block subtrees of ``params``, in forward order."""
+
+    def block_kind(self, index: int) -> Hashable:
+        """Blocks of equal kind share structure (and compiled code)."""
+
+    def linear_groups(self, kind: Hashable) -> tuple[tuple[str, ...], ...]:
+        """Kernel paths inside a block (``"a/b/kernel"``, layout ``(d_in, d_out)``), grouped by
+        shared input, groups in execution order."""
+
+    def run_block(self, kind: Hashable, block_params: PyTree, carry: PyTree) -> tuple[PyTree, Captures]:
+        """One block: ``(carry_out, {kernel path: input (n, ..., d_in) or (input, row weight)})``."""
+
+
+# ----------------------------------------------------------------------------- capture helpers
+
+
+def _record(captures: Captures, key: str, x: jax.Array) -> None:
+    """Stores a layer's input (a layer applied twice in one block is not supported)."""
+    if key in captures:
+        raise ValueError(f"layer '{key}' is applied more than once in one block; calibration "
+                         "needs one input per kernel (write run_block by hand for shared weights)")
+    captures[key] = x
+
+
+def capture_linen(module, params: PyTree, *args: Any, method: str | Callable | None = None,
+                  **kwargs: Any) -> tuple[Any, Captures]:
+    """Applies a linen module and records the input of every ``nn.Dense`` it calls.
+
+    Args:
+      module: the (unbound) linen module, e.g. one block.
+      params: its ``params`` collection (a pure dict).
+      *args, **kwargs: passed to ``module.apply``.
+      method: the method to apply (default ``__call__``).
+
+    Returns:
+      ``(output, captures)`` with ``captures["<submodule path>/kernel"]`` the input of that
+      Dense layer (paths relative to ``module``, e.g. ``"attn/query/kernel"``).
+    """
+    import flax.linen as nn
+
+    captures: Captures = {}
+
+    def interceptor(next_fun, a, kw, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            _record(captures, "/".join(context.module.path) + "/kernel", a[0])
+        return next_fun(*a, **kw)
+
+    with nn.intercept_methods(interceptor):
+        out = module.apply({"params": params}, *args, method=method, **kwargs)
+    return out, captures
+
+
+def capture_nnx(graphdef, params: PyTree, fn: Callable[..., Any], *args: Any) -> tuple[Any, Captures]:
+    """Rebuilds an nnx module and runs ``fn(module, *args)``, recording linear layers' inputs.
+
+    Every sub-module with a ``kernel`` and a ``dot_general`` attribute (``nnx.Linear``,
+    ``nnx.LinearGeneral``-style layers that call ``self.dot_general(inputs, kernel, ...)``) gets
+    a recording ``dot_general`` on the rebuilt copy only; the original module is untouched.
+
+    Args:
+      graphdef: the module's graph definition (``nnx.split(module)[0]``).
+      params: its state as a pure dict (``nnx.split(module)[1].to_pure_dict()``).
+      fn: what to run, e.g. ``lambda m, x: m(x)``.
+      *args: passed to ``fn``.
+
+    Returns:
+      ``(fn's output, {"<attribute path>/kernel": input})``.
+    """
+    from flax import nnx
+
+    module = nnx.merge(graphdef, params)
+    captures: Captures = {}
+    for path, node in list(nnx.iter_graph(module)):
+        if isinstance(node, nnx.Module) and hasattr(node, "kernel") and hasattr(node, "dot_general"):
+            key = "/".join(str(p) for p in path) + "/kernel"
+            original = node.dot_general
+
+            def recording(x, *a, _key=key, _orig=original, **kw):
+                _record(captures, _key, x)
+                return _orig(x, *a, **kw)
+
+            node.dot_general = recording
+    return fn(module, *args), captures
+
+
+# ----------------------------------------------------------------------------- nnx adapter
+
+
+def get_path(tree: PyTree, path: Sequence) -> PyTree:
+    """``tree[p0][p1]...`` for a key path."""
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _split_attr(path: str) -> list:
+    return [int(p) if p.isdigit() else p for p in path.split("/") if p]
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxAdapter:
+    """A generic adapter for an nnx model whose blocks form a list attribute.
+
+    The parameter tree it works on is ``nnx.state(model, nnx.Param).to_pure_dict()`` (the model
+    must hold no other state). Build it with :meth:`from_model`.
+
+    Attributes:
+      model_def: graph definition of the whole model (for ``embed``).
+      block_def: graph definition of one block (all blocks must share it).
+      blocks_at: key path of the block list, e.g. ``("encoder", "layers")``.
+      n_blocks: number of blocks.
+      groups: kernel paths of a block grouped by shared input, in execution order.
+      embed_method: name of the model method mapping inputs to block 0's input.
+      block_call: how a block is called: ``block_call(block, carry) -> carry``; default
+        ``block(carry)``.
+    """
+
+    model_def: Any
+    block_def: Any
+    blocks_at: tuple
+    n_blocks: int
+    groups: tuple[tuple[str, ...], ...]
+    embed_method: str = "embed"
+    block_call: Callable | None = None
+
+    def __hash__(self) -> int:   # cached: jit hashes static arguments on every call
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    @classmethod
+    def from_model(cls, model, blocks_at: str, groups: Sequence[Sequence[str]], *,
+                   embed_method: str = "embed", block_call: Callable | None = None) -> NnxAdapter:
+        """Builds the adapter from a model instance.
+
+        Args:
+          model: the nnx module (any of the models sharing its structure: merged, experts).
+          blocks_at: ``"/"``-separated attribute path of the block list, e.g. ``"encoder/layers"``.
+          groups: kernel paths relative to a block, grouped (see :class:`CalibAdapter`).
+          embed_method: model method from inputs to block 0's input.
+          block_call: ``(block, carry) -> carry`` if a block is not called as ``block(carry)``.
+
+        Raises:
+          ValueError: the model holds non-parameter state, the blocks differ in structure, or
+            a group names a kernel the block lacks.
+        """
+        from flax import nnx
+
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+        if jax.tree_util.tree_leaves(rest):
+            raise ValueError("NnxAdapter needs a model whose state is all nnx.Param; found other "
+                             f"state at {[k for k, _ in nnx.to_flat_state(rest)][:3]}")
+        at = tuple(_split_attr(blocks_at))
+        blocks = model
+        for k in at:
+            blocks = blocks[k] if isinstance(k, int) else getattr(blocks, k)
+        block_defs = {nnx.split(b)[0] for b in blocks}
+        if len(block_defs) != 1:
+            raise ValueError(f"blocks at '{blocks_at}' do not all share one structure; "
+                             "write an adapter with block kinds instead")
+        groups = tuple(tuple(g) for g in groups)
+        from epmq_jax._tree import iter_paths
+        known = set(iter_paths(nnx.state(blocks[0], nnx.Param).to_pure_dict()))
+        for p in (p for g in groups for p in g):
+            if p not in known:
+                raise ValueError(f"kernel path '{p}' is not a parameter of the blocks at "
+                                 f"'{blocks_at}' (they have e.g. {sorted(known)[:4]})")
+        return cls(model_def, block_defs.pop(), at, len(blocks), groups, embed_method, block_call)
+
+    def embed(self, params: PyTree, inputs: PyTree) -> PyTree:
+        from flax import nnx
+
+        return getattr(nnx.merge(self.model_def, params), self.embed_method)(inputs)
+
+    def block_paths(self, params: PyTree) -> list[tuple]:
+        n = len(get_path(params, self.blocks_at))
+        if n != self.n_blocks:
+            raise ValueError(f"params hold {n} blocks at {self.blocks_at}, the adapter expects {self.n_blocks}")
+        return [(*self.blocks_at, i) for i in range(n)]
+
+    def block_kind(self, index: int) -> Hashable:
+        return 0
+
+    def linear_groups(self, kind: Hashable) -> tuple[tuple[str, ...], ...]:
+        return self.groups
+
+    def run_block(self, kind: Hashable, block_params: PyTree, carry: PyTree) -> tuple[PyTree, Captures]:
+        call = self.block_call or (lambda block, c: block(c))
+        return capture_nnx(self.block_def, block_params, call, carry)
+
+
+VIT_GROUPS = (("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel"),
+              ("self_attn/out_proj/kernel",), ("mlp/fc1/kernel",), ("mlp/fc2/kernel",))
+
+
+def vit_adapter(model) -> NnxAdapter:
+    """The adapter for :class:`epmq_jax.models.clip.CLIPVisionModelWithProjection`.
+
+    Params: ``nnx.state(model, nnx.Param).to_pure_dict()`` (paths like
+    ``encoder/layers/3/self_attn/q_proj/kernel``); inputs: NHWC pixels ``(n, H, W, C)``; carry:
+    hidden states ``(n, tokens, width)``; per block the groups q/k/v (one shared H), out_proj,
+    fc1, fc2. The patch embedding and the visual projection are not calibrated.
+    """
+    return NnxAdapter.from_model(model, "encoder/layers", VIT_GROUPS, embed_method="embed")

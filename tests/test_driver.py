@@ -1,0 +1,229 @@
+"""The sequential driver on a small user-style linen model, against a NumPy float64 re-run of the method.
+
+The reference below is written independently of the driver: a float64 NumPy forward pass of the
+toy model and the closed-form W* of every layer, block by block, group by group.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from epmq_jax import quant
+from epmq_jax.calib import CalibConfig, Objective, calibrate, capture_linen
+from epmq_jax.quant import QuantSpec
+
+D, F, TOK, D_IN = 8, 16, 5, 6
+GROUPS = (("up/kernel", "gate/kernel"), ("down/kernel",))
+
+
+class Block(nn.Module):
+    """A gated MLP block: x + down(relu(up(ln(x))) * gate(ln(x)))."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(epsilon=1e-6, name="ln")(x)
+        z = nn.relu(nn.Dense(F, name="up")(h)) * nn.Dense(F, name="gate")(h)
+        return x + nn.Dense(D, name="down")(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyAdapter:
+    """A user's adapter: params = {"embed": ..., "block0": ..., "block1": ...}."""
+
+    n_blocks: int = 2
+
+    def embed(self, params, x):
+        return nn.Dense(D).apply({"params": params["embed"]}, x)
+
+    def block_paths(self, params):
+        return [(f"block{i}",) for i in range(self.n_blocks)]
+
+    def block_kind(self, index):
+        return 0
+
+    def linear_groups(self, kind):
+        return GROUPS
+
+    def run_block(self, kind, block_params, carry):
+        return capture_linen(Block(), block_params, carry)
+
+
+def _init(key):
+    ks = jax.random.split(key, 3)
+    p = {"embed": nn.Dense(D).init(ks[0], jnp.ones((1, D_IN)))["params"]}
+    for i in range(2):
+        p[f"block{i}"] = Block().init(ks[i + 1], jnp.ones((1, TOK, D)))["params"]
+    return p
+
+
+def _perturb(tree, key, scale):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+def _problem(T=3, seed=0):
+    key = jax.random.key(seed)
+    # perturb every leaf, LayerNorm included: with bias 0 the LN outputs of a row sum to 0 and H is singular
+    merged = _perturb(_init(key), jax.random.fold_in(key, 99), 0.3)
+    experts = [_perturb(merged, jax.random.fold_in(key, 100 + t), 0.3) for t in range(T)]
+    r = np.random.default_rng(seed)
+    inputs = [r.normal(size=(n, TOK, D_IN)).astype(np.float32) for n in (10, 13, 7)[:T]]
+    return merged, experts, inputs
+
+
+# ----------------------------------------------------------------------------- float64 reference
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _ln(p, x):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _dense(p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _hidden(p, x):
+    return np.maximum(_dense(p["up"], _ln(p["ln"], x)), 0) * _dense(p["gate"], _ln(p["ln"], x))
+
+
+def _block(p, x):
+    return x + _dense(p["down"], _hidden(p, x))
+
+
+def _wstar(wm, ws, xs, xts, lam, weighting):
+    hd, bd = 0.0, 0.0
+    for x, xt, w in zip(xs, xts, ws):
+        x, xt = x.reshape(-1, x.shape[-1]), xt.reshape(-1, xt.shape[-1])
+        g = x.T @ x
+        om = {"uniform": 1.0, "tokens": 1.0 / len(x), "frobenius": 1.0 / np.linalg.norm(g)}[weighting]
+        hd, bd = hd + om * g, bd + om * x.T @ (xt @ w)
+    return np.linalg.solve((1 + lam) * hd, bd + lam * hd @ wm)   # output anchor, no damping
+
+
+def _reference(merged, experts, inputs, lam, weighting, target):
+    merged, experts = _f64(merged), _f64(experts)
+    xq = [_dense(merged["embed"], x.astype(np.float64)) for x in inputs]
+    xe = [_dense(e["embed"], x.astype(np.float64)) for e, x in zip(experts, inputs)]
+    out = {}
+    for k in range(2):
+        name = f"block{k}"
+        cur = jax.tree.map(lambda a: a, merged[name])
+        eb = [e[name] for e in experts]
+        # group 1: up and gate read ln(x)
+        hq = [_ln(cur["ln"], x) for x in xq]
+        he = [_ln(b["ln"], x) for b, x in zip(eb, xe)] if target == "expert" else hq
+        for layer in ("up", "gate"):
+            cur[layer]["kernel"] = _wstar(merged[name][layer]["kernel"], [b[layer]["kernel"] for b in eb],
+                                          hq, he, lam, weighting)
+        # group 2: down reads the hidden activation of the updated block
+        zq = [_hidden(cur, x) for x in xq]
+        ze = [_hidden(b, x) for b, x in zip(eb, xe)] if target == "expert" else zq
+        cur["down"]["kernel"] = _wstar(merged[name]["down"]["kernel"], [b["down"]["kernel"] for b in eb],
+                                       zq, ze, lam, weighting)
+        for layer in ("up", "gate", "down"):
+            out[f"{name}/{layer}/kernel"] = cur[layer]["kernel"]
+        xq = [_block(cur, x) for x in xq]
+        xe = [_block(b, x) for b, x in zip(eb, xe)]
+    return out
+
+
+def _kernels(params):
+    return {f"block{k}/{l}/kernel": np.asarray(params[f"block{k}"][l]["kernel"])
+            for k in range(2) for l in ("up", "gate", "down")}
+
+
+@pytest.mark.parametrize("lam, weighting, target", [(0.5, "frobenius", "expert"), (0.0, "tokens", "merged")])
+def test_unrounded_epmq_matches_float64_sequential_reference(lam, weighting, target):
+    merged, experts, inputs = _problem()
+    cfg = CalibConfig(objective=Objective(kind="epmq", lam=lam, target=target, task_weights=weighting),
+                      rounding="none", damp=0.0, batch_size=4)   # 4 does not divide 10, 13, 7: padding
+    res = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts)
+    want = _reference(merged, experts, inputs, lam, weighting, target)
+    got = _kernels(res.params)
+    for p in want:
+        np.testing.assert_allclose(got[p], want[p], rtol=2e-3, atol=2e-3 * np.abs(want[p]).max(), err_msg=p)
+    assert [s["path"] for s in res.stats] == [f"block{k}/{l}/kernel" for k in range(2) for l in ("up", "gate", "down")]
+    assert all(np.isfinite(s["obj_relaxed"]) and s["obj_relaxed"] <= s["obj_merged"] * (1 + 1e-4)
+               for s in res.stats)
+    # other leaves untouched
+    np.testing.assert_array_equal(res.params["block1"]["ln"]["scale"], merged["block1"]["ln"]["scale"])
+
+
+def test_regmean_driver_is_lambda_zero_with_inputs_on_merged_path():
+    merged, experts, inputs = _problem(seed=1)
+    cfg = CalibConfig(objective=Objective(kind="regmean", task_weights="uniform"), rounding="none",
+                      damp=0.0, batch_size=16)
+    got = _kernels(calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts).params)
+    want = _reference(merged, experts, inputs, 0.0, "uniform", "merged")
+    for p in want:
+        np.testing.assert_allclose(got[p], want[p], rtol=2e-3, atol=2e-3 * np.abs(want[p]).max(), err_msg=p)
+
+
+def _model_out(params, inputs):
+    ad = ToyAdapter()
+    x = ad.embed(params, inputs)
+    for path in ad.block_paths(params):
+        blk = jax.tree.map(lambda a: a.dequantize() if quant.is_quantized(a) else a,
+                           params[path[0]], is_leaf=quant.is_quantized)
+        x = Block().apply({"params": blk}, x)
+    return np.asarray(x)
+
+
+def test_gptq_and_awq_through_driver_beat_rtn_on_model_output():
+    merged, _, inputs = _problem(seed=2)
+    spec = QuantSpec(bits=3, group_size=8)
+    ref = np.concatenate([_model_out(merged, x) for x in inputs])
+    errs = {}
+    for name, cfg in {
+        "rtn": CalibConfig(objective=Objective(kind="gptq"), rounding="rtn", spec=spec),
+        "gptq": CalibConfig(objective=Objective(kind="gptq"), rounding="gptq", spec=spec),
+        "awq": CalibConfig(objective=Objective(kind="gptq"), awq=True, spec=spec),
+    }.items():
+        res = calibrate(ToyAdapter(), merged, inputs, cfg)
+        leaves = [res.params[f"block{k}"][l]["kernel"] for k in range(2) for l in ("up", "gate", "down")]
+        assert all(isinstance(q, quant.QuantizedWeight) for q in leaves)
+        assert all((q.input_scale is not None) == (name == "awq") for q in leaves)
+        out = np.concatenate([_model_out(res.params, x) for x in inputs])
+        errs[name] = float(np.mean((out - ref) ** 2))
+    assert errs["gptq"] < errs["rtn"]
+    assert errs["awq"] < errs["rtn"]
+
+
+def test_single_expert_equal_to_merge_reproduces_gptq_run():
+    # With X̃ = X (target="merged") the targets are the merged layer's own outputs, so W* = W_m and
+    # the run is GPTQ's. (With target="expert" later layers would instead also correct the
+    # quantization error of earlier ones, since the expert path stays in float.)
+    merged, _, inputs = _problem(T=1, seed=3)
+    spec = QuantSpec(bits=4, group_size=8)
+    gptq = calibrate(ToyAdapter(), merged, inputs, CalibConfig(objective=Objective(kind="gptq"), spec=spec))
+    epmq = calibrate(ToyAdapter(), merged, inputs,
+                     CalibConfig(objective=Objective(kind="epmq", lam=0.1, target="merged",
+                                               task_weights="uniform"), spec=spec),
+                     experts=[merged])
+    deq = lambda t: _kernels(jax.tree.map(lambda q: q.dequantize() if quant.is_quantized(q) else q, t,
+                                          is_leaf=quant.is_quantized))
+    a_all, b_all = deq(gptq.params), deq(epmq.params)
+    for p, a in a_all.items():
+        b = b_all[p]
+        assert np.mean(np.isclose(a, b, rtol=1e-5, atol=1e-6)) > 0.99, p
+
+
+def test_bad_inputs_raise():
+    merged, experts, inputs = _problem()
+    with pytest.raises(ValueError, match="one expert per task"):
+        calibrate(ToyAdapter(), merged, inputs, CalibConfig(), experts=experts[:2])
+    with pytest.raises(ValueError, match=r"task_inputs\[0\]"):
+        calibrate(ToyAdapter(), merged, [{"a": np.ones((3, 2)), "b": np.ones((4, 2))}], CalibConfig(objective=Objective(kind="gptq")))
+    with pytest.raises(ValueError, match="rounding"):
+        CalibConfig(rounding="floor")
