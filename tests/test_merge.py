@@ -188,12 +188,18 @@ def test_bfloat16_leaves_keep_dtype():
 # ----------------------------------------------------------------------------- TIES
 
 
-@pytest.mark.parametrize("trim", ["global", "per_tensor"])
-@pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
-@pytest.mark.parametrize("density,span", [(0.2, 2 ** 14), (0.5, 8), (1.0, 8)])
-def test_ties_matches_reference(trim, merge_func, density, span):
+_TIES_CASES = (
+    # every merge_func with both trims at the default density, distinct-ish magnitudes
+    [(t, f, 0.2, 2 ** 14) for t in ("global", "per_tensor") for f in ("mean", "sum", "max")]
     # span=8: task-vector entries take 17 values, so magnitudes tie at the threshold and many
-    # entries sum to exactly zero (the majority-sign rule is exercised).
+    # entries sum to exactly zero (the majority-sign rule is exercised)
+    + [(t, f, 0.5, 8) for t in ("global", "per_tensor") for f in ("mean", "max")]
+    + [("global", "sum", 1.0, 8), ("per_tensor", "mean", 1.0, 8)]
+)
+
+
+@pytest.mark.parametrize("trim,merge_func,density,span", _TIES_CASES)
+def test_ties_matches_reference(trim, merge_func, density, span):
     base, experts = make_trees(seed=1, span=span)
     got = merge.ties_merging(base, experts, scaling=0.7, density=density, trim=trim,
                              merge_func=merge_func)
@@ -300,12 +306,13 @@ def test_dare_ties_is_reference_ties_on_dropped_vectors():
     got = merge.dare(base, experts, key=key, drop=0.5, merge="ties", density=0.4, scaling=1.0)
     b = np_leaves(base)
     paths = [p for p in b if is_float_path(p)]
-    dropped = []
-    for t, e in enumerate(experts):
-        en = np_leaves(e)
-        tv = [jnp.asarray(en[p] - b[p], jnp.float32) for p in paths]
-        dropped.append(np.concatenate([np.asarray(x, np.float64).ravel() for x in
-                                       drop_and_rescale(jax.random.fold_in(key, t), tv, 0.5, True)]))
+    tvs = [[jnp.asarray(np_leaves(e)[p] - b[p], jnp.float32) for p in paths] for e in experts]
+    dropped = [np.concatenate([np.asarray(x, np.float64).ravel() for x in tv])
+               for tv in drop_and_rescale(key, tvs, 0.5, True)]
+    # The drop pattern itself: expert t keeps bernoulli(fold_in(key, t)) over its entries.
+    keep0 = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 0.5, dropped[0].shape))
+    flat0 = np.concatenate([np.asarray(x, np.float64).ravel() for x in tvs[0]])
+    np.testing.assert_allclose(dropped[0], np.where(keep0, flat0 / 0.5, 0.0), rtol=1e-6)
     merged = ref_ties_vector(np.stack(dropped), 0.4, "mean")
     off, ref = 0, dict(b)
     for p in paths:

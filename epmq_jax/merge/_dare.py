@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from epmq_jax._tree import PathFilter
 from epmq_jax.merge._basic import (
@@ -29,15 +30,30 @@ from epmq_jax.merge._validate import check_expert_list, flatten_inputs
 
 
 @functools.partial(jax.jit, static_argnames="rescale")
-def drop_and_rescale(key: jax.Array, tv: Sequence[jax.Array], drop: float,
-                     rescale: bool) -> list[jax.Array]:
-    """Drops each entry of one task vector with probability ``drop`` (leaf ``j`` uses
-    ``jax.random.fold_in(key, j)``) and rescales survivors by 1/(1 − drop) if ``rescale``."""
+def drop_and_rescale(key: jax.Array, tvs: Sequence[Sequence[jax.Array]], drop: float | jax.Array,
+                     rescale: bool) -> list[list[jax.Array]]:
+    """Drops each task-vector entry with probability ``drop``; rescales survivors by 1/(1 − drop).
+
+    Args:
+      key: PRNG key. Task vector ``t`` keeps the entries where
+        ``jax.random.bernoulli(fold_in(key, t), 1 - drop, (n,))`` is True, ``n`` being its
+        number of entries over all leaves, laid out leaf after leaf in ``tvs[t]``'s order (one
+        random draw per expert: cheap to compile for trees with many leaves).
+      tvs: ``tvs[t][j]``, leaf ``j`` of task vector ``t``.
+      drop: drop probability p.
+      rescale: divide survivors by 1 − p.
+
+    Returns:
+      The sparsified task vectors, same layout as ``tvs``.
+    """
+    sizes = [int(x.size) for x in tvs[0]]
+    keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(len(tvs)))
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - drop, (sum(sizes),)))(keys)
     out = []
-    for j, x in enumerate(tv):
-        keep = jax.random.bernoulli(jax.random.fold_in(key, j), 1.0 - drop, x.shape)
-        y = jnp.where(keep, x, jnp.zeros_like(x))
-        out.append(y / (1.0 - drop) if rescale else y)
+    for t, tv in enumerate(tvs):
+        masks = jnp.split(keep[t], np.cumsum(sizes)[:-1].tolist())
+        leaves = [jnp.where(m.reshape(x.shape), x, jnp.zeros_like(x)) for m, x in zip(masks, tv)]
+        out.append([x / (1.0 - drop) for x in leaves] if rescale else leaves)
     return out
 
 
@@ -50,8 +66,9 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
     Args:
       base: the pretrained parameters θ₀.
       experts: the fine-tuned trees θ_1..θ_T (same structure, shapes, dtypes as ``base``).
-      key: a ``jax.random`` key. Expert ``t`` uses ``fold_in(key, t)``, its ``j``-th merged leaf
-        ``fold_in(fold_in(key, t), j)``, so the result is a deterministic function of ``key``.
+      key: a ``jax.random`` key; the result is a deterministic function of it (expert ``t``
+        draws from ``fold_in(key, t)``, see :func:`drop_and_rescale`). Which entries are dropped
+        depends on the set of merged leaves, so changing ``filter`` changes the draws.
       drop: probability p of dropping an entry, in [0, 1).
       rescale: multiply surviving entries by 1/(1 − p) (keeps the expectation).
       merge: ``"task_arithmetic"`` or ``"ties"``.
@@ -85,10 +102,10 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
         raise ValueError(f"merge must be 'task_arithmetic' or 'ties', got {merge!r}.")
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)
-    tvs = [drop_and_rescale(jax.random.fold_in(key, t), tv, drop, rescale)
-           for t, tv in enumerate(task_vector_leaves(flat))]
+    tvs = task_vector_leaves(flat)
     if not tvs[0]:
         return flat.unflatten([])
+    tvs = drop_and_rescale(key, tvs, drop, rescale)
     if merge == "ties":
         if not isinstance(scaling, (int, float)) and getattr(scaling, "ndim", 0) != 0:
             raise ValueError("merge='ties' takes one scalar scaling, not one per expert.")
