@@ -227,3 +227,65 @@ def test_bad_inputs_raise():
         calibrate(ToyAdapter(), merged, [{"a": np.ones((3, 2)), "b": np.ones((4, 2))}], CalibConfig(objective=Objective(kind="gptq")))
     with pytest.raises(ValueError, match="rounding"):
         CalibConfig(rounding="floor")
+
+
+# ----------------------------------------------------------------------------- resume and sharding
+
+
+def test_killed_run_resumes_from_last_block_with_identical_result(tmp_path, monkeypatch):
+    from epmq_jax.calib import driver
+
+    merged, experts, inputs = _problem(seed=4)
+    cfg = CalibConfig(objective=Objective(kind="epmq", lam=0.1), spec=QuantSpec(bits=4, group_size=8),
+                      batch_size=8)
+    full = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts)
+
+    real, calls = driver._calibrate_group, []
+
+    def dies_in_block_1(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == len(GROUPS) + 1:        # first group of the second block
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "_calibrate_group", dies_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts, checkpoint_dir=tmp_path / "ck")
+    calls.clear()
+    monkeypatch.setattr(driver, "_calibrate_group", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    resumed = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts, checkpoint_dir=tmp_path / "ck")
+    assert calls == list(GROUPS)                  # only block 1 was calibrated again
+    flat_full = jax.tree_util.tree_leaves_with_path(full.params)
+    flat_res = jax.tree_util.tree_leaves_with_path(resumed.params)
+    assert [p for p, _ in flat_full] == [p for p, _ in flat_res]
+    for (p, a), (_, b) in zip(flat_full, flat_res):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(p))
+    assert [s["path"] for s in resumed.stats] == [s["path"] for s in full.stats]
+    # a checkpoint of another configuration is refused, not mixed in
+    with pytest.raises(ValueError, match="another run"):
+        calibrate(ToyAdapter(), merged, inputs, dataclasses.replace(cfg, damp=0.02), experts=experts,
+                  checkpoint_dir=tmp_path / "ck")
+
+
+def test_sharded_over_8_devices_equals_single_device():
+    from epmq_jax.parallel import make_mesh
+
+    merged, experts, inputs = _problem(seed=5)
+    mesh = make_mesh(("x",))
+    assert mesh.shape["x"] == 8
+    for rounding in ("none", "gptq"):
+        cfg = CalibConfig(objective=Objective(kind="epmq", lam=0.3), rounding=rounding,
+                          spec=QuantSpec(bits=4, group_size=8), batch_size=8)
+        single = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts)
+        multi = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts, mesh=mesh)
+        k = multi.params["block1"]["up"]["kernel"]
+        arr = k if rounding == "none" else k.scales
+        assert len(arr.sharding.device_set) == 8 and not arr.sharding.is_fully_replicated
+        deq = lambda t: _kernels(jax.tree.map(lambda q: q.dequantize() if quant.is_quantized(q) else q, t,
+                                              is_leaf=quant.is_quantized))
+        a, b = deq(single.params), deq(multi.params)
+        for p in a:
+            if rounding == "none":
+                np.testing.assert_allclose(b[p], a[p], rtol=1e-4, atol=1e-4 * np.abs(a[p]).max(), err_msg=p)
+            else:
+                assert np.mean(np.isclose(a[p], b[p], rtol=1e-5, atol=1e-6)) > 0.98, p

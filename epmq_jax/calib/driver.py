@@ -252,8 +252,7 @@ def _place_columns(x: jax.Array, mesh, axis: str | None) -> jax.Array:
 def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTree],
               config: CalibConfig = CalibConfig(), *, experts: Sequence[PyTree] | None = None,
               mesh: jax.sharding.Mesh | None = None, axis: str | None = None,
-              checkpoint_dir: str | None = None, progress: bool = False,
-              _fail_after_block: int | None = None) -> CalibResult:
+              checkpoint_dir: str | None = None, progress: bool = False) -> CalibResult:
     """Calibrates every linear layer the adapter names, block by block (see the module docstring).
 
     Args:
@@ -345,8 +344,6 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
                        for t, tc in enumerate(e_carry)]
         if ckpt is not None and k >= done:
             ckpt.save(k + 1, {p: kernels[p] for p in kernels}, stats)
-        if _fail_after_block is not None and k == _fail_after_block:
-            raise RuntimeError(f"injected failure after block {k}")   # for the resume test
     for full, q in kernels.items():
         out_params = _set_path(out_params, _key_path(full), q)
     return CalibResult(out_params, stats)
