@@ -91,7 +91,7 @@ def capture_nnx(graphdef, params: PyTree, fn: Callable[..., Any], *args: Any) ->
 
     Args:
       graphdef: the module's graph definition (``nnx.split(module)[0]``).
-      params: its state as a pure dict (``nnx.split(module)[1].to_pure_dict()``).
+      params: its state as a pure dict (``nnx.to_pure_dict(nnx.split(module)[1])``).
       fn: what to run, e.g. ``lambda m, x: m(x)``.
       *args: passed to ``fn``.
 
@@ -133,7 +133,7 @@ def _split_attr(path: str) -> list:
 class NnxAdapter:
     """A generic adapter for an nnx model whose blocks form a list attribute.
 
-    The parameter tree it works on is ``nnx.state(model, nnx.Param).to_pure_dict()`` (the model
+    The parameter tree it works on is ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the model
     must hold no other state). Build it with :meth:`from_model`.
 
     Attributes:
@@ -194,7 +194,7 @@ class NnxAdapter:
                              "write an adapter with block kinds instead")
         groups = tuple(tuple(g) for g in groups)
         from epmq_jax._tree import iter_paths
-        known = set(iter_paths(nnx.state(blocks[0], nnx.Param).to_pure_dict()))
+        known = set(iter_paths(nnx.to_pure_dict(nnx.state(blocks[0], nnx.Param))))
         for p in (p for g in groups for p in g):
             if p not in known:
                 raise ValueError(f"kernel path '{p}' is not a parameter of the blocks at "
@@ -230,7 +230,7 @@ VIT_GROUPS = (("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/
 def vit_adapter(model) -> NnxAdapter:
     """The adapter for :class:`epmq_jax.models.clip.CLIPVisionModelWithProjection`.
 
-    Params: ``nnx.state(model, nnx.Param).to_pure_dict()`` (paths like
+    Params: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (paths like
     ``encoder/layers/3/self_attn/q_proj/kernel``); inputs: NHWC pixels ``(n, H, W, C)``; carry:
     hidden states ``(n, tokens, width)``; per block the groups q/k/v (one shared H), out_proj,
     fc1, fc2. The patch embedding and the visual projection are not calibrated.
