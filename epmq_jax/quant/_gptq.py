@@ -55,7 +55,8 @@ class GPTQInfo(NamedTuple):
     Attributes:
       damp_used: the relative damping actually used (``damp`` unless the Cholesky failed).
       objective: the rounding objective ``tr(ΔᵀHΔ)``, ``Δ = dequantize(Q) - W``, with the
-        undamped ``H`` as given.
+        undamped ``H`` as given (computed only when info is requested: it costs a
+        ``d_in x d_in x d_out`` matmul).
       cholesky_ok: False if even the largest damping tried left ``H`` non-factorable.
       n_dead: number of dead inputs (``H_ii == 0``).
     """
@@ -98,9 +99,10 @@ def _damped_factor(h: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array,
     return u, damp, ok
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups"))
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups",
+                                             "with_objective"))
 def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool,
-          static_groups: bool):
+          static_groups: bool, with_objective: bool):
     n, m = w.shape
     ct = jnp.promote_types(w.dtype, jnp.float32)
     w0 = w.astype(ct)
@@ -167,9 +169,13 @@ def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool
         _, q1, err1, scales, zeros = lax.fori_loop(
             0, bs, column, (w1, jnp.zeros((bs, m), jnp.uint8), zeros_tile, scales, zeros))
         codes = lax.dynamic_update_slice_in_dim(codes, q1, i1, 0)
-        # Lazy update of the rows after this block (rows up to the block end are done).
-        u_rows = lax.dynamic_slice_in_dim(u, i1, bs, 0)
-        wcur = wcur - u_rows.T @ err1
+        # Lazy update of the later blocks, one (bs, bs) x (bs, m) product each.
+        def later_block(j, wcur):
+            u_kj = lax.dynamic_slice(u, (i1, j * bs), (bs, bs))
+            w_j = lax.dynamic_slice_in_dim(wcur, j * bs, bs, 0)
+            return lax.dynamic_update_slice_in_dim(wcur, w_j - u_kj.T @ err1, j * bs, 0)
+
+        wcur = lax.fori_loop(k + 1, n_blocks, later_block, wcur)
         return wcur, codes, scales, zeros
 
     _, codes, scales, zeros = lax.fori_loop(
@@ -178,9 +184,11 @@ def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool
     if act_order:
         codes = codes[jnp.argsort(perm)]
 
-    deq = scales[g_idx] * (codes.astype(ct) - zeros[g_idx])
-    delta = deq - w0
-    objective = jnp.sum(delta * (h0 @ delta))
+    if with_objective:
+        delta = scales[g_idx] * (codes.astype(ct) - zeros[g_idx]) - w0
+        objective = jnp.sum(delta * (h0 @ delta))
+    else:
+        objective = jnp.asarray(jnp.nan, ct)
     qw = QuantizedWeight.from_codes(codes, scales, zeros, g_idx, spec, dtype=w.dtype)
     return qw, GPTQInfo(damp_used, objective, chol_ok, jnp.sum(dead))
 
@@ -224,7 +232,7 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.0
         raise ValueError(f"damp must be >= 0, got {damp}")
     qw, info = _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32),
                      spec=spec, block_size=block_size, act_order=act_order,
-                     static_groups=static_groups)
+                     static_groups=static_groups, with_objective=return_info)
     if is_concrete(info.cholesky_ok) and not bool(info.cholesky_ok):
         raise ValueError(
             f"hessian of shape {tuple(hessian.shape)} is not positive definite even with "

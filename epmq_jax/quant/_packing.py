@@ -107,15 +107,25 @@ class QuantizedWeight:
 
     def codes(self) -> jax.Array:
         """The unpacked codes, uint8 ``(d_in, d_out)``."""
-        return unpack_codes(self.packed, self.bits, self.shape[0])
+        return _codes(self)
 
     def dequantize(self) -> jax.Array:
         """The effective float kernel ``(d_in, d_out)`` in :attr:`dtype`."""
-        q = self.codes().astype(jnp.float32)
-        w = self.scales[self.g_idx] * (q - self.zeros[self.g_idx])
-        if self.input_scale is not None:
-            w = w / self.input_scale[:, None]
-        return w.astype(self.dtype)
+        return _dequantize(self)
+
+
+@jax.jit
+def _codes(qw: QuantizedWeight) -> jax.Array:
+    return unpack_codes(qw.packed, qw.bits, qw.shape[0])
+
+
+@jax.jit
+def _dequantize(qw: QuantizedWeight) -> jax.Array:
+    q = unpack_codes(qw.packed, qw.bits, qw.shape[0]).astype(jnp.float32)
+    w = qw.scales[qw.g_idx] * (q - qw.zeros[qw.g_idx])
+    if qw.input_scale is not None:
+        w = w / qw.input_scale[:, None]
+    return w.astype(qw.dtype)
 
 
 def is_quantized(x) -> bool:
