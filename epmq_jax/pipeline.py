@@ -455,16 +455,17 @@ def save_checkpoint(job: Job, params: Params, row: Mapping[str, Any], path: str 
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Params, dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Any, Params, dict[str, Any]]:
     """Reads a checkpoint of :func:`save_checkpoint`.
 
     Returns:
-      ``(meta, encoder_params, heads)``.
+      ``(meta, graphdef, encoder_params, heads)``: the encoder's tree has the model's structure
+      (rebuilt from the saved config), with its ``QuantizedWeight`` leaves still packed.
 
     Raises:
       ValueError: ``path`` is not such a checkpoint.
     """
-    from epmq_jax import checkpoint
+    from epmq_jax import checkpoint, train
 
     path = Path(path)
     meta_path = path / "meta.json"
@@ -473,8 +474,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Params, dict[str,
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    tree = checkpoint.load(path / "tree")
-    return meta, tree["encoder"], tree["heads"]
+    graphdef, template = train.split_params(train.make_model(ml_collections.ConfigDict(meta["config"]).model))
+    target = {"encoder": template, "heads": {t: {"kernel": 0} for t in meta["tasks"]}}
+    tree = checkpoint.load(path / "tree", target=target)
+    return meta, graphdef, tree["encoder"], tree["heads"]
 
 
 def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
@@ -487,9 +490,8 @@ def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
     from epmq_jax import train
     from epmq_jax.data import offline_suite
 
-    meta, encoder, heads = load_checkpoint(path)
+    meta, graphdef, encoder, heads = load_checkpoint(path)
     cfg = ml_collections.ConfigDict(meta["config"])
-    graphdef, _ = train.split_params(train.make_model(cfg.model))
     trained = train.TrainedModels(graphdef, {}, {}, heads, float(meta["logit_scale"]), {})
     suite = offline_suite.build_suite(cfg.suite)
     job = Job(cfg, Path(path), suite, trained, [], {}, log)
