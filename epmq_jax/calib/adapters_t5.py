@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from epmq_jax.calib.adapter import Captures, capture_nnx
-from epmq_jax.models import t5
+from epmq_jax.models import hf, t5
 
 PyTree = Any
 Kind = tuple[str, bool]  # (stack, is first block of the stack)
@@ -151,8 +151,7 @@ class T5Adapter:
 @functools.lru_cache(maxsize=8)
 def _model_def(config: t5.T5Config) -> Any:
     """Graph definition of the whole model, built abstractly from the (hashable) config."""
-    model = nnx.eval_shape(lambda: t5.T5ForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-    return nnx.split(model)[0]
+    return nnx.split(hf.abstract(lambda: t5.T5ForConditionalGeneration(config, rngs=hf.ABSTRACT_RNGS)))[0]
 
 
 def t5_adapter(model: t5.T5ForConditionalGeneration) -> T5Adapter:

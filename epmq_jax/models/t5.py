@@ -484,6 +484,6 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
             raise ValueError(f"T5 checkpoint: {alias} {np.shape(tensors[alias])} differs from "
                              "shared.weight; this model ties the stacks' embeddings to it")
     cfg = T5Config.from_hf(config, has_lm_head="lm_head.weight" in tensors)
-    model = hf.abstract(lambda: T5ForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = hf.abstract(lambda: T5ForConditionalGeneration(cfg, dtype=dtype, rngs=hf.ABSTRACT_RNGS))
     return hf.load_into(model, tensors, rename=lambda k: None if k in _EMBED_ALIASES else k,
                         ignore=_IGNORED)
