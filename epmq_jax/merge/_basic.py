@@ -14,42 +14,63 @@ import jax
 import jax.numpy as jnp
 
 from epmq_jax._tree import PathFilter
-from epmq_jax.merge._validate import check_expert_list, compute_dtype, flatten_inputs
+from epmq_jax.merge._validate import (
+    FlatInputs,
+    check_expert_list,
+    compute_dtype,
+    flatten_inputs,
+)
 
 PyTree = Any
 Scaling = float | Sequence[float] | jax.Array
 
 
-def per_expert_scaling(scaling: Scaling, n_experts: int) -> list[Any]:
-    """Returns one scaling factor per expert from a scalar or a length-``n_experts`` sequence."""
+def per_expert_scaling(scaling: Scaling, n_experts: int) -> jax.Array:
+    """Returns one scaling factor per expert, ``(T,)``, from a scalar or a length-T sequence."""
     if isinstance(scaling, Sequence) or (hasattr(scaling, "ndim") and scaling.ndim == 1):
         if len(scaling) != n_experts:
             raise ValueError(f"scaling has {len(scaling)} entries, expected one per expert "
                              f"({n_experts}).")
-        return [scaling[t] for t in range(n_experts)]
-    return [scaling] * n_experts
+        return jnp.asarray(scaling, jnp.float32)
+    return jnp.full((n_experts,), scaling, jnp.float32)
 
 
-def task_vector_leaves(flat: Any) -> list[list[jax.Array]]:
-    """``tvs[t][j]`` = expert ``t`` minus base on the ``j``-th selected leaf, in compute dtype."""
-    out = []
-    for leaves in flat.experts:
-        out.append([jnp.asarray(e, compute_dtype(b)) - jnp.asarray(b, compute_dtype(b))
-                    for b, e, s in zip(flat.ref, leaves, flat.selected) if s])
-    return out
-
-
-def weighted_sum(tvs: Sequence[Sequence[jax.Array]], lam: Sequence[Any]) -> list[jax.Array]:
-    """Σ_t λ_t τ_t leaf by leaf (``tvs[t][j]``: leaf ``j`` of task vector ``t``)."""
-    return [sum(lam[t] * tvs[t][j] for t in range(len(tvs))) for j in range(len(tvs[0]))]
-
-
-def add_to_base(flat: Any, deltas: Sequence[jax.Array]) -> PyTree:
-    """Builds ``base + delta`` on the selected leaves (cast to base dtype), base elsewhere."""
+def selected_leaves(flat: FlatInputs) -> tuple[list[Any], list[list[Any]]]:
+    """``(bases, experts)``: the merged leaves of the reference and of each expert, in order."""
     bases = [b for b, s in zip(flat.ref, flat.selected) if s]
-    merged = [(jnp.asarray(b, compute_dtype(b)) + d).astype(jnp.asarray(b).dtype)
-              for b, d in zip(bases, deltas)]
-    return flat.unflatten(merged)
+    experts = [[e for e, s in zip(leaves, flat.selected) if s] for leaves in flat.experts]
+    return bases, experts
+
+
+def task_vectors(bases: Sequence[Any], experts: Sequence[Sequence[Any]]) -> list[list[jax.Array]]:
+    """``tvs[t][j]`` = ``experts[t][j] - bases[j]`` in compute dtype (>= float32)."""
+    return [[jnp.asarray(e, compute_dtype(b)) - jnp.asarray(b, compute_dtype(b))
+             for b, e in zip(bases, leaves)] for leaves in experts]
+
+
+def add_deltas(bases: Sequence[Any], deltas: Sequence[jax.Array]) -> list[jax.Array]:
+    """``base + delta`` per leaf, computed in compute dtype and cast back to the base dtype."""
+    return [(jnp.asarray(b, compute_dtype(b)) + d).astype(jnp.asarray(b).dtype)
+            for b, d in zip(bases, deltas)]
+
+
+def weighted_sum(tvs: Sequence[Sequence[jax.Array]], lam: jax.Array) -> list[jax.Array]:
+    """Σ_t λ_t τ_t leaf by leaf (``tvs[t][j]``: leaf ``j`` of task vector ``t``; ``lam``: (T,))."""
+    return [sum(lam[t].astype(tvs[t][j].dtype) * tvs[t][j] for t in range(len(tvs)))
+            for j in range(len(tvs[0]))]
+
+
+@jax.jit
+def _task_arithmetic_leaf(base: jax.Array, experts: tuple[jax.Array, ...],
+                          lam: jax.Array) -> jax.Array:
+    # One leaf at a time: peak memory is the inputs plus a few leaf-sized temporaries.
+    return add_deltas([base], weighted_sum(task_vectors([base], [[e] for e in experts]), lam))[0]
+
+
+@jax.jit
+def _mean_leaf(leaves: tuple[jax.Array, ...]) -> jax.Array:
+    ct = compute_dtype(leaves[0])
+    return (sum(jnp.asarray(x, ct) for x in leaves) / len(leaves)).astype(leaves[0].dtype)
 
 
 def task_vector(base: PyTree, expert: PyTree, *, validate: bool = True) -> PyTree:
@@ -66,9 +87,9 @@ def task_vector(base: PyTree, expert: PyTree, *, validate: bool = True) -> PyTre
       from ``base``, as in every merge function.
     """
     flat = flatten_inputs(base, [expert], validate=validate)
-    bases = [b for b, s in zip(flat.ref, flat.selected) if s]
+    bases, experts = selected_leaves(flat)
     return flat.unflatten([d.astype(jnp.asarray(b).dtype)
-                           for b, d in zip(bases, task_vector_leaves(flat)[0])])
+                           for b, d in zip(bases, task_vectors(bases, experts)[0])])
 
 
 def task_arithmetic(base: PyTree, experts: Sequence[PyTree], *, scaling: Scaling = 0.3,
@@ -97,8 +118,10 @@ def task_arithmetic(base: PyTree, experts: Sequence[PyTree], *, scaling: Scaling
     """
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)
-    return add_to_base(flat, weighted_sum(task_vector_leaves(flat),
-                                          per_expert_scaling(scaling, len(experts))))
+    lam = per_expert_scaling(scaling, len(experts))
+    bases, leaves = selected_leaves(flat)
+    return flat.unflatten([_task_arithmetic_leaf(b, tuple(e[j] for e in leaves), lam)
+                           for j, b in enumerate(bases)])
 
 
 def average(experts: Sequence[PyTree], *, filter: PathFilter = None,
@@ -123,12 +146,5 @@ def average(experts: Sequence[PyTree], *, filter: PathFilter = None,
     check_expert_list(experts)
     flat = flatten_inputs(experts[0], list(experts[1:]), filter=filter, validate=validate,
                           ref_name="experts[0]", expert_offset=1)
-    n = len(experts)
-    merged = []
-    for i, (r, s) in enumerate(zip(flat.ref, flat.selected)):
-        if s:
-            ct = compute_dtype(r)
-            total = sum((jnp.asarray(leaves[i], ct) for leaves in flat.experts),
-                        jnp.asarray(r, ct))
-            merged.append((total / n).astype(jnp.asarray(r).dtype))
-    return flat.unflatten(merged)
+    firsts, rest = selected_leaves(flat)
+    return flat.unflatten([_mean_leaf((x, *(e[j] for e in rest))) for j, x in enumerate(firsts)])

@@ -20,9 +20,10 @@ import numpy as np
 from epmq_jax._tree import PathFilter
 from epmq_jax.merge._basic import (
     PyTree,
-    add_to_base,
+    add_deltas,
     per_expert_scaling,
-    task_vector_leaves,
+    selected_leaves,
+    task_vectors,
     weighted_sum,
 )
 from epmq_jax.merge._ties import check_ties_args, ties_deltas
@@ -86,6 +87,7 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
     """
     if not 0.0 <= float(drop) < 1.0:
         raise ValueError(f"drop is a probability in [0, 1), got {drop}.")
+    ties_kw: dict[str, Any] = {}
     if merge == "ties":
         ties_kw = {"density": 0.2, "trim": "global", "merge_func": "mean"}
         unknown = set(merge_kwargs) - set(ties_kw)
@@ -94,6 +96,7 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
                              f"{sorted(ties_kw)}.")
         ties_kw.update(merge_kwargs)
         check_ties_args(**ties_kw)
+        ties_kw["density"] = float(ties_kw["density"])
     elif merge == "task_arithmetic":
         if merge_kwargs:
             raise ValueError(f"merge='task_arithmetic' takes no extra settings, got "
@@ -102,12 +105,24 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
         raise ValueError(f"merge must be 'task_arithmetic' or 'ties', got {merge!r}.")
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)
-    tvs = task_vector_leaves(flat)
-    if not tvs[0]:
+    bases, leaves = selected_leaves(flat)
+    if not bases:
         return flat.unflatten([])
-    tvs = drop_and_rescale(key, tvs, drop, rescale)
     if merge == "ties":
         if not isinstance(scaling, (int, float)) and getattr(scaling, "ndim", 0) != 0:
             raise ValueError("merge='ties' takes one scalar scaling, not one per expert.")
-        return add_to_base(flat, [scaling * d for d in ties_deltas(tvs, **ties_kw)])
-    return add_to_base(flat, weighted_sum(tvs, per_expert_scaling(scaling, len(experts))))
+        lam = jnp.asarray(scaling, jnp.float32)
+    else:
+        lam = per_expert_scaling(scaling, len(experts))
+    return flat.unflatten(_dare_merge(bases, leaves, key, drop, lam, rescale=rescale,
+                                      ties_kw=tuple(sorted(ties_kw.items())) if ties_kw else None))
+
+
+@functools.partial(jax.jit, static_argnames=("rescale", "ties_kw"))
+def _dare_merge(bases: list[jax.Array], experts: list[list[jax.Array]], key: jax.Array,
+                drop: float, lam: jax.Array, *, rescale: bool,
+                ties_kw: tuple[tuple[str, Any], ...] | None) -> list[jax.Array]:
+    tvs = drop_and_rescale(key, task_vectors(bases, experts), drop, rescale)
+    if ties_kw is not None:
+        return add_deltas(bases, [lam * d for d in ties_deltas(tvs, **dict(ties_kw))])
+    return add_deltas(bases, weighted_sum(tvs, lam))

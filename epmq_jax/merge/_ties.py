@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epmq_jax._tree import PathFilter
-from epmq_jax.merge._basic import PyTree, add_to_base, task_vector_leaves
+from epmq_jax.merge._basic import PyTree, add_deltas, selected_leaves, task_vectors
 from epmq_jax.merge._validate import check_expert_list, flatten_inputs
 
 Trim = Literal["global", "per_tensor"]
@@ -149,6 +149,15 @@ def ties_deltas(tvs: Sequence[Sequence[jax.Array]], *, density: float, trim: str
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("density", "trim", "merge_func"))
+def _ties_merge(bases: list[jax.Array], experts: list[list[jax.Array]], scaling: float, *,
+                density: float, trim: str, merge_func: str) -> list[jax.Array]:
+    # Task vectors are formed inside the jit, so XLA need not keep T eager copies of the model.
+    tau = ties_deltas(task_vectors(bases, experts), density=density, trim=trim,
+                      merge_func=merge_func)
+    return add_deltas(bases, [scaling * d for d in tau])
+
+
 def ties_merging(base: PyTree, experts: Sequence[PyTree], *, scaling: float = 0.3,
                  density: float = 0.2, trim: Trim = "global", merge_func: MergeFunc = "mean",
                  filter: PathFilter = None, validate: bool = True) -> PyTree:
@@ -177,9 +186,9 @@ def ties_merging(base: PyTree, experts: Sequence[PyTree], *, scaling: float = 0.
     check_ties_args(density, trim, merge_func)
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)
-    tvs = task_vector_leaves(flat)
-    if not tvs[0]:
+    bases, leaves = selected_leaves(flat)
+    if not bases:
         return flat.unflatten([])
-    tau = ties_deltas(tvs, density=density, trim=trim, merge_func=merge_func)
-    return add_to_base(flat, [scaling * d for d in tau])
+    return flat.unflatten(_ties_merge(bases, leaves, scaling, density=float(density), trim=trim,
+                                      merge_func=merge_func))
 
