@@ -12,8 +12,10 @@ Command::
 
     epmq run --config configs/clip_vit_b32_ta8.py --config.data.data_dir=$TFDS_DATA_DIR
 
-It needs the 9 checkpoints (hub or HF cache) and the 8 data sets prepared for
-tensorflow-datasets (GTSRB from a local image folder, see ``epmq_jax.data``).
+It needs the 9 checkpoints (hub or HF cache) and the 8 data sets under ``data.data_dir``:
+``tfds build <name> --file_format=array_record``, or
+``epmq_jax.data.registry.prepare_from_hf(task, data_dir)`` (FusionBench's Hugging Face copies;
+GTSRB has no tfds builder), as colab/paper_clip_vit_b32.ipynb does.
 
 Expected runtime on one A100/H100 GPU or a TPU v4-8 host: about 40 minutes (an estimate from
 the layer shapes; not measured here, the project is developed on CPU). Calibration takes a few
@@ -69,7 +71,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.quant.group_size = 128
     cfg.quant.symmetric = False
     cfg.quant.damp = 0.01
-    cfg.quant.checkpoint_bits = 4
+    cfg.quant.checkpoint_bits = 4  # packed checkpoints written: these methods at these bits
+    cfg.quant.checkpoint_methods = ("gptq", "epmq")
     cfg.quant.filter = r"encoder/layers/\d+/(self_attn/(q|k|v|out)_proj|mlp/fc\d)/kernel"
 
     cfg.calib = ml_collections.ConfigDict()

@@ -66,7 +66,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.quant.group_size = 128
     cfg.quant.symmetric = False
     cfg.quant.damp = 0.01
-    cfg.quant.checkpoint_bits = 4
+    cfg.quant.checkpoint_bits = 4  # packed checkpoints written: these methods at these bits
+    cfg.quant.checkpoint_methods = ("gptq", "epmq")
     cfg.quant.filter = (r"(encoder|decoder)/block/\d+/layer/\d+/"
                         r"(SelfAttention|EncDecAttention|DenseReluDense)/\w+/kernel")
 
