@@ -78,6 +78,11 @@ def test_write_errors(tmp_path, tiny):
     data_dir, splits = tiny
     with pytest.raises(FileExistsError, match="overwrite=True"):
         tfds_local.write_local_dataset("tiny_ds", data_dir, splits)
+    small = {"train": {"label": np.array([3, 1])}}
+    tfds_local.write_local_dataset("rewrite_ds", tmp_path, {"train": {"label": np.array([0, 0, 0])}})
+    tfds_local.write_local_dataset("rewrite_ds", tmp_path, small, overwrite=True)
+    np.testing.assert_array_equal(tfds_local.load_split("rewrite_ds", "train", tmp_path)["label"],
+                                  [3, 1])
     with pytest.raises(ValueError, match="snake case"):
         tfds_local.write_local_dataset("Bad-Name", tmp_path, splits)
     with pytest.raises(ValueError, match="different lengths"):
