@@ -3,9 +3,11 @@
 Prints one table. For each kernel shape (d_in x d_out; ViT-B/32 and ViT-L/14 linear layers):
 the first call of our jit GPTQ (compile + run), the steady-state time per layer (median of
 ``--repeats`` calls), the reference implementation (IST-DASLab/gptq ``GPTQ.fasterquant``,
-PyTorch on CPU with the same number of threads) and qwix's ``gptq_core.quantize_weight``
+PyTorch on CPU with the same number of threads; one call by default, as eager PyTorch has
+nothing to compile) and qwix's ``gptq_core.quantize_weight``
 (first call = compile + run, then steady state) where its compile fits ``--qwix-max-d-in``.
-All methods: 4 bits, asymmetric, group size 128, block 128, damping 0.01, same W and H.
+All methods: 4 bits, group size 128, block 128, damping 0.01, same W and H; asymmetric grid
+except qwix (symmetric: its asymmetric path fails).
 
 The reference code is not part of this repository. Get it with::
 
@@ -13,7 +15,7 @@ The reference code is not part of this repository. Get it with::
 
 and pass ``--reference-dir /tmp/ref_gptq``; without it that column is skipped.
 
-Run (about 5-10 minutes on a 2-core CPU)::
+Run (about 10 minutes on an idle 2-core CPU, mostly the reference)::
 
     python benchmarks/gptq_speed.py --reference-dir /tmp/ref_gptq
 """
@@ -25,6 +27,7 @@ import contextlib
 import io
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,7 +52,7 @@ def problem(d_in: int, d_out: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of the next ``repeats`` calls)."""
+    """(first call seconds, median of the next ``repeats`` calls; the first if none)."""
     t = time.perf_counter()
     fn()
     first = time.perf_counter() - t
@@ -58,7 +61,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return first, statistics.median(times)
+    return first, statistics.median(times) if times else first
 
 
 def ours(w, h, repeats):
@@ -86,28 +89,49 @@ def reference(w, h, repeats, ref_dir):
         with contextlib.redirect_stdout(io.StringIO()):
             g.fasterquant(blocksize=128, percdamp=0.01, groupsize=SPEC.group_size)
 
-    return timed(run, repeats)
+    return timed(run, repeats)[1]
 
 
 def qwix(w, h, repeats):
     from qwix._src.core import qarray
     from qwix.contrib import gptq_core
+    # Symmetric (absmax): qwix 0.x's GPTQ fails on asymmetric grids (`zero_point and ...` on
+    # an array); the work per column is the same.
     how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[0],
-                               tiled_axes={1: SPEC.group_size}, calibration_method="minmax")
+                               tiled_axes={1: SPEC.group_size}, calibration_method="absmax")
     fn = jax.jit(lambda W, H: gptq_core.quantize_weight(W, H, how, blocksize=128,
                                                          percdamp=0.01)[0].qvalue)
     wt, hj = jnp.asarray(w.T), jnp.asarray(h)
     return timed(lambda: jax.block_until_ready(fn(wt, hj)), repeats)
 
 
+def qwix_with_timeout(d_in: int, d_out: int, timeout: float) -> str:
+    """qwix's (first, steady) in a child process, or a note if it did not finish in time."""
+    cmd = [sys.executable, __file__, "--qwix-child", f"{d_in}x{d_out}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        return f"{'>' + str(int(timeout)):>8} {'-':>7}"
+    first, steady = (float(v) for v in out.stdout.split()[-2:])
+    return f"{first:8.1f} {steady:7.3f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-dir", default=None, help="folder with IST-DASLab gptq.py, quant.py")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="steady-state calls of ours")
+    p.add_argument("--ref-repeats", type=int, default=0,
+                   help="extra reference calls (eager PyTorch: its first call is already steady)")
     p.add_argument("--qwix-max-d-in", type=int, default=768,
                    help="run qwix only up to this d_in (its compile time grows with d_in)")
+    p.add_argument("--qwix-timeout", type=float, default=300,
+                   help="seconds allowed for qwix's first call (compile) plus one more call")
     p.add_argument("--shapes", default=None, help="e.g. 768x768,3072x768")
+    p.add_argument("--qwix-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.qwix_child:
+        print(*qwix(*problem(*(int(v) for v in args.qwix_child.split("x"))), 1))
+        return
     shapes = SHAPES if args.shapes is None else [
         tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ref_ok = args.reference_dir is not None and os.path.exists(
@@ -124,15 +148,15 @@ def main() -> None:
         o_first, o = ours(w, h, args.repeats)
         ref_cols = f"{'-':>7} {'-':>8}"
         if ref_ok:
-            _, r = reference(w, h, args.repeats, args.reference_dir)
+            r = reference(w, h, args.ref_repeats, args.reference_dir)
             ref_cols = f"{r:7.3f} {r / o:7.1f}x"
         q_cols = f"{'-':>8} {'-':>7}"
         if d_in <= args.qwix_max_d_in:
-            q_first, q = qwix(w, h, 1)
-            q_cols = f"{q_first:8.1f} {q:7.3f}"
+            q_cols = qwix_with_timeout(d_in, d_out, args.qwix_timeout)
         print(f"{d_in:>5} x {d_out:<5} | {o_first:8.2f} {o:7.3f} | {ref_cols} | {q_cols}",
               flush=True)
-    print("times in seconds; '1st' = first call incl. compile; others = median steady state")
+    print("times in seconds; '1st' = first call incl. compile; others = median steady state; "
+          f"'>{int(args.qwix_timeout)}' = qwix did not finish compiling in that time")
 
 
 if __name__ == "__main__":

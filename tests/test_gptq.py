@@ -215,11 +215,13 @@ def test_bad_inputs(bad, match):
         gptq(w, h, QuantSpec(bits=4, group_size=32))
 
 
-def test_compiles_once_per_shape():
+def test_compiles_once_per_shape_and_runs_under_jit():
     w, h = correlated_problem(7, 64, 16)
     spec = QuantSpec(bits=4, group_size=32)
     from epmq_jax.quant._gptq import _gptq
-    gptq(w, h, spec)
+    eager = gptq(w, h, spec).dequantize()
     before = _gptq._cache_size()
     gptq(w * 2, h, spec, damp=0.05)
     assert _gptq._cache_size() == before
+    jitted = jax.jit(lambda w, h, d: gptq(w, h, spec, damp=d).dequantize())(w, h, 0.01)
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))

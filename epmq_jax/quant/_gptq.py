@@ -228,7 +228,7 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.0
         raise ValueError(f"hessian: matrix of shape {tuple(hessian.shape)} contains NaN or inf")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    if damp < 0:
+    if is_concrete(damp) and float(damp) < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     qw, info = _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32),
                      spec=spec, block_size=block_size, act_order=act_order,
