@@ -206,3 +206,39 @@ def test_load_examples_and_calibration_inputs_from_local_tfds(tmp_path):
     again = data.calibration_inputs("cola", tmp_path, 5, _char_tokenize, seed=3, max_length=200,
                                     max_target_length=16)
     np.testing.assert_array_equal(again["input_ids"], batch["input_ids"])  # seeded
+
+
+def test_evaluate_glue_end_to_end_with_a_scripted_model(tmp_path):
+    from epmq_jax.data import tfds_local
+
+    tfds_local.write_local_dataset("sst2", tmp_path / "glue", {"validation": {
+        "sentence": ["a good film", "a bad film", "good acting", "dull", "good grief"],
+        "label": np.array([1, 0, 1, 0, 0])}}, num_classes={"label": 2})
+    tfds_local.write_local_dataset("stsb", tmp_path / "glue", {"validation": {
+        "sentence1": ["s1", "s2", "s3", "s4"], "sentence2": ["4.0", "1.5", "x", "2.0"],
+        "label": np.array([3.8, 1.0, 2.5, 3.0], np.float32)}})
+
+    tokenize = lambda s: [ord(c) + 2 for c in s] + [1]
+    decode = lambda ids: "".join(chr(i - 2) for i in ids)
+
+    def generate(ids, mask):  # answers from the prompt text: "good" -> positive; stsb: sentence2
+        rows = []
+        for row, m in zip(ids, mask):
+            prompt = decode(row[m == 1][:-1])
+            if prompt.startswith("Consider"):
+                answer = prompt.split("and '")[1].split("'")[0]
+            else:
+                answer = "positive" if "good" in prompt else "negative."
+            rows.append([0, *tokenize(answer)] + [0] * 12)
+        width = max(map(len, rows))
+        return np.array([r + [0] * (width - len(r)) for r in rows])
+
+    res = metrics.evaluate_glue(generate, tokenize, decode, ["sst2", "stsb"], tmp_path,
+                                max_length=200, batch_size=2)
+    assert res["sst2"]["accuracy"] == 0.8 and res["sst2"]["score"] == 0.8 and res["sst2"]["n"] == 5
+    pred = [4.0, 1.5, 0.0, 2.0]  # "x" is unparsed -> 0.0
+    assert res["stsb"]["unparsed"] == 1
+    assert res["stsb"]["score"] == pytest.approx(scipy.stats.spearmanr(pred, [3.8, 1.0, 2.5, 3.0])[0])
+    limited = metrics.evaluate_glue(generate, tokenize, decode, ["sst2"], tmp_path,
+                                    max_length=200, batch_size=2, limit=2)
+    assert limited["sst2"]["n"] == 2 and limited["sst2"]["accuracy"] == 1.0

@@ -2,6 +2,7 @@
 
 from epmq_jax.eval.glue import (
     accuracy,
+    evaluate_glue,
     generate_answers,
     glue_metrics,
     matthews_corrcoef,
@@ -12,6 +13,7 @@ from epmq_jax.eval.glue import (
 
 __all__ = [
     "accuracy",
+    "evaluate_glue",
     "generate_answers",
     "glue_metrics",
     "matthews_corrcoef",

@@ -166,3 +166,40 @@ def generate_answers(generate: Callable[[np.ndarray, np.ndarray], np.ndarray],
             row = row[: stop[0]] if len(stop) else row
             answers.append(decode([int(t) for t in row if t != pad_id]))
     return answers
+
+
+def evaluate_glue(generate: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  tokenize: Callable[[str], Sequence[int]], decode: Callable[[Sequence[int]], str],
+                  tasks: Sequence[str], data_dir: str, *, max_length: int = 256,
+                  batch_size: int = 32, limit: int | None = None, style: str = "fusion_bench",
+                  eos_id: int = 1, pad_id: int = 0) -> dict[str, dict[str, float]]:
+    """Scores a text-to-text model on GLUE tasks' evaluation splits.
+
+    Args:
+      generate: ``(ids (b, S), mask (b, S)) -> tokens (b, 1 + new)``, e.g.
+        ``functools.partial(model.generate, max_new_tokens=9)`` of a
+        :class:`~epmq_jax.models.t5.T5ForConditionalGeneration`.
+      tokenize: text -> ids with ``</s>`` appended. decode: ids -> text (special tokens dropped).
+      tasks: GLUE task names. data_dir: tfds data directory holding ``glue/<task>``.
+      max_length: encoder length (prompts are truncated to it).
+      batch_size: rows per ``generate`` call.
+      limit: score only the first ``limit`` examples of each split (quick checks).
+      style: see :func:`task_score`.
+
+    Returns:
+      ``{task: glue_metrics(...) + {"score": task_score(...)}}``.
+    """
+    from epmq_jax.data import glue as glue_data
+
+    out = {}
+    for name in tasks:
+        task = get_task(name)
+        columns = glue_data.load_examples(task, None, data_dir,
+                                          indices=None if limit is None else np.arange(limit))
+        prompts = [glue_data.format_input(task, ex) for ex in glue_data.examples(columns)]
+        ids, mask = glue_data.encode_texts(prompts, tokenize, max_length=max_length, pad_id=pad_id)
+        answers = generate_answers(generate, decode, ids, mask, batch_size=batch_size,
+                                   eos_id=eos_id, pad_id=pad_id)
+        metrics = glue_metrics(task, answers, columns["label"])
+        out[task.name] = {**metrics, "score": task_score(task, metrics, style)}
+    return out
