@@ -5,6 +5,7 @@ toy model and the closed-form W* of every layer, block by block, group by group.
 """
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -154,6 +155,7 @@ def test_unrounded_epmq_matches_float64_sequential_reference(lam, weighting, tar
     for p in want:
         np.testing.assert_allclose(got[p], want[p], rtol=2e-3, atol=2e-3 * np.abs(want[p]).max(), err_msg=p)
     assert [s["path"] for s in res.stats] == [f"block{k}/{l}/kernel" for k in range(2) for l in ("up", "gate", "down")]
+    json.dumps(res.stats)                                     # the run's JSON output
     assert all(np.isfinite(s["obj_relaxed"]) and s["obj_relaxed"] <= s["obj_merged"] * (1 + 1e-4)
                for s in res.stats)
     # other leaves untouched

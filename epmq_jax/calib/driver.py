@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -252,7 +252,8 @@ def _place_columns(x: jax.Array, mesh, axis: str | None) -> jax.Array:
 def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTree],
               config: CalibConfig = CalibConfig(), *, experts: Sequence[PyTree] | None = None,
               mesh: jax.sharding.Mesh | None = None, axis: str | None = None,
-              checkpoint_dir: str | None = None, progress: bool = False) -> CalibResult:
+              checkpoint_dir: str | None = None, progress: bool = False,
+              on_block: Callable[[int], None] | None = None) -> CalibResult:
     """Calibrates every linear layer the adapter names, block by block (see the module docstring).
 
     Args:
@@ -267,6 +268,8 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
       axis: mesh axis name (default: the mesh's first axis).
       checkpoint_dir: save progress there after every block and resume from it.
       progress: show a progress bar over blocks.
+      on_block: called with the block index after each block is finished (calibrated, its
+        outputs computed and checkpointed), e.g. for timing or logging.
 
     Returns:
       :class:`CalibResult` (calibrated params and per-layer statistics).
@@ -344,6 +347,9 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
                        for t, tc in enumerate(e_carry)]
         if ckpt is not None and k >= done:
             ckpt.save(k + 1, {p: kernels[p] for p in kernels}, stats)
+        if on_block is not None:
+            jax.block_until_ready(q_carry)
+            on_block(k)
     for full, q in kernels.items():
         out_params = _set_path(out_params, _key_path(full), q)
     return CalibResult(out_params, stats)
@@ -353,7 +359,8 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
                      masks, config: CalibConfig, mesh, axis, where):
     """Statistics, solve and rounding for one group of layers; returns the updated block and [(rel, q, stats)]."""
     obj = config.objective
-    static_obj = dataclasses.replace(obj, lam=0.0)   # λ does not enter the statistics
+    # λ, the anchor and the task weights do not enter the batch statistics: one compilation for all
+    static_obj = dataclasses.replace(obj, lam=0.0, anchor="output", task_weights="uniform")
     total, omegas = None, []
     for t in range(len(q_carry)):
         e_block = expert_blocks[t] if obj.needs_expert_inputs else None

@@ -142,7 +142,8 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     Returns:
       ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*) and a JSON-able dict
       ``{path, rel_dist, cond, damp, obj_merged, obj_relaxed, obj_rounded, rounding, time_s}``
-      (+ ``gptq_damp`` for GPTQ rounding);
+      (+ ``gptq_damp`` for GPTQ rounding, ``awq_ratio`` for AWQ); ``cond`` is None for the
+      ``gptq`` objective, whose W* = W_m needs no solve;
       objective values are L(W_m), L(W*) and L(Q) of the undamped objective.
 
     Raises:
