@@ -18,6 +18,10 @@ Command::
 
     epmq run --config configs/flan_t5_base_glue.py --config.data.data_dir=$TFDS_DATA_DIR
 
+It needs the 9 checkpoints (hub or HF cache), the tokenizer, and the GLUE tasks under
+``data.data_dir`` as ``glue/<task>``: ``tfds build glue/<task> --file_format=array_record``, or
+``epmq_jax.data.glue.prepare_from_hf(task, data_dir)`` (no TensorFlow needed).
+
 Expected runtime on one A100/H100 GPU or a TPU v4-8 host: about 1.5 hours (an estimate, not
 measured here): each table row decodes the ~60k GLUE validation examples (QQP's 40k dominate),
 calibration takes a few minutes per variant.

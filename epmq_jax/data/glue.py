@@ -21,6 +21,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,3 +260,41 @@ def calibration_inputs(task: GlueTask | str, data_dir: str | os.PathLike, n: int
              examples(load_examples(task, task.train_split, data_dir, indices=idx))]
     return seq2seq_batch([p for p, _ in pairs], [t for _, t in pairs], tokenize,
                          max_length=max_length, max_target_length=max_target_length)
+
+
+def prepare_from_hf(task: GlueTask | str, data_dir: str | os.PathLike, *,
+                    overwrite: bool = False) -> Path:
+    """Downloads a GLUE task from Hugging Face (``nyu-mll/glue``, online only) as a local tfds
+    dataset ``data_dir/glue/<task>``, the layout :func:`load_examples` reads (no TensorFlow).
+
+    Keeps the task's text fields and ``label`` of the ``train`` split and of its evaluation
+    split (GLUE's test labels are hidden, so ``test`` is not kept).
+
+    Raises:
+      epmq_jax.data.tfds_local.DatasetNotFoundError: Hugging Face is set offline
+        (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``), at once.
+      ImportError: the ``datasets`` package is missing.
+    """
+    from epmq_jax.data import tfds_local
+
+    task = get_task(task) if isinstance(task, str) else task
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        raise tfds_local.DatasetNotFoundError(
+            f"Cannot fetch GLUE {task.name} from Hugging Face: it is set offline "
+            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). Prepare it where there is network.")
+    try:
+        import datasets as hf_datasets
+    except ImportError as e:
+        raise ImportError("prepare_from_hf needs the `datasets` package: pip install datasets") from e
+    ds = hf_datasets.load_dataset("nyu-mll/glue", task.name)
+    splits = {}
+    for split in (task.train_split, task.eval_split):
+        part = ds[split]
+        splits[split] = {**{f: [str(x) for x in part[f]] for f in task.fields},
+                         "label": np.asarray(part["label"],
+                                             np.float32 if task.is_regression else np.int64)}
+    return tfds_local.write_local_dataset(
+        task.name, Path(data_dir) / "glue", splits,
+        num_classes=None if task.is_regression else {"label": len(task.label_words)},
+        description=f"GLUE {task.name} from Hugging Face nyu-mll/glue", overwrite=overwrite)
