@@ -29,7 +29,13 @@ def _key_str(k: Any) -> str:
 
 
 def path_str(keypath: tuple) -> str:
-    """Turns a jax key path into the "a/b/0/kernel" form used by path filters."""
+    """Turns a jax key path into the "a/b/0/kernel" form used by path filters.
+
+    The trailing ``.value`` attribute through which an ``nnx.Variable`` flattens is dropped, so
+    a leaf of an ``nnx.State`` has the same path as in ``state.to_pure_dict()`` or a linen dict.
+    """
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
     return "/".join(_key_str(k) for k in keypath)
 
 

@@ -102,7 +102,7 @@ def task_arithmetic(base: PyTree, experts: Sequence[PyTree], *, scaling: Scaling
         (container classes may differ, e.g. ``nnx.State`` vs dict, if the leaf paths agree).
       scaling: λ, a scalar or one value per expert.
       filter: which leaves are merged: a regex matched with ``re.search`` against the leaf path
-        (``"encoder/layers/0/mlp/fc1/kernel"``; for ``nnx.State`` paths end in ``"/value"``), a
+        (``"encoder/layers/0/mlp/fc1/kernel"``, the same for an ``nnx.State``), a
         compiled pattern, or a predicate on the path. None merges every floating-point leaf.
         **Every leaf that is not merged is taken from ``base``** (heads, integer counters).
       validate: check the inputs eagerly (structure, shapes, dtypes, NaN/inf). Turn off only in

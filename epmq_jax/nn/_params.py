@@ -2,7 +2,7 @@
 
 Works on linen param dicts, ``nnx.State`` and plain nested dicts. Leaves are chosen by a
 path rule (a regex searched in the leaf path of :func:`epmq_jax._tree.path_str`, e.g.
-``"params/Dense_0/kernel"`` in linen, ``"l1/kernel/value"`` in an ``nnx.State``).
+``"params/Dense_0/kernel"`` in linen, ``"l1/kernel"`` in an ``nnx.State``).
 """
 
 from __future__ import annotations
