@@ -11,7 +11,10 @@ table, under one of two conventions:
 - ``"glue"`` (the GLUE leaderboard's): Matthews correlation for CoLA, the mean of Pearson and
   Spearman for STS-B, accuracy elsewhere.
 
-Scores are fractions in [-1, 1] (accuracy in [0, 1]); tables multiply by 100.
+Answers are matched after light normalisation (case, surrounding quotes, a final period; see
+:func:`epmq_jax.data.glue.parse_prediction`), where FusionBench compares exact strings; the two
+agree on the label words a fine-tuned expert emits. Scores are fractions in [-1, 1] (accuracy in
+[0, 1]); tables multiply by 100.
 Correlations are defined as 0 when either side is constant (no ranking information), as
 scikit-learn does for the Matthews coefficient, rather than NaN.
 """
