@@ -169,3 +169,20 @@ def test_pretrain_data_and_to_float():
     assert x.shape == (50, 28, 28, 1) and y.shape == (50,)
     f = osuite.to_float(np.array([0, 255], np.uint8))
     np.testing.assert_allclose(f, [-1.0, 1.0])
+
+
+def test_tfds_round_trip_equals_in_memory(tmp_path):
+    cfg = _cfg(["mnist_rot90", "mnist_flip_parity"])
+    mem = osuite.build_suite(cfg)
+    via_tfds = osuite.build_suite(cfg, data_dir=str(tmp_path))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 2  # one directory per task's data key
+    again = osuite.build_suite(cfg, data_dir=str(tmp_path))  # read back, nothing rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+    for a, b, c in zip(mem.tasks, via_tfds.tasks, again.tasks):
+        assert a.name == b.name and a.num_classes == b.num_classes
+        for split in osuite.SPLITS:
+            for u, v, w in zip(a.splits[split], b.splits[split], c.splits[split]):
+                assert u.dtype == v.dtype
+                np.testing.assert_array_equal(u, v)
+                np.testing.assert_array_equal(u, w)

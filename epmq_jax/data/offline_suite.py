@@ -25,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import hashlib
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 IMAGE_SIZE = 28
+_DATA_VERSION = 1  # bump when a transform changes, so cached tfds data is rebuilt
 SPLITS = ("train", "validation", "test")
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -325,12 +328,47 @@ def make_task(name: str, *, n_train: int, n_val: int, n_test: int, seed: int) ->
     return TaskData(name, task.num_classes, task.description, splits)
 
 
-def build_suite(cfg: Any) -> Suite:
+def _tfds_name(name: str) -> str:
+    return f"offline_{name}"
+
+
+def task_data_key(name: str, cfg: Any) -> str:
+    """A short hash of everything a task's data depends on (names its tfds directory)."""
+    blob = json.dumps([_DATA_VERSION, name, int(cfg.n_train), int(cfg.n_val), int(cfg.n_test),
+                       int(cfg.seed)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _load_or_write_tfds(name: str, cfg: Any, data_dir: str) -> TaskData:
+    """The task through tensorflow-datasets: written once as a local array_record dataset under
+    ``data_dir/<task_data_key>/offline_<name>``, then always read back with tfds."""
+    from epmq_jax.data import tfds_local
+
+    tfds_dir = os.path.join(data_dir, task_data_key(name, cfg))
+    ds = _tfds_name(name)
+    if not tfds_local.dataset_exists(ds, tfds_dir):
+        task = make_task(name, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                         seed=cfg.seed)
+        tfds_local.write_local_dataset(
+            ds, tfds_dir, {s: {"image": x, "label": y} for s, (x, y) in task.splits.items()},
+            num_classes={"label": task.num_classes}, description=task.description)
+    splits = {}
+    for split in SPLITS:
+        d = tfds_local.load_split(ds, split, tfds_dir, keys=["image", "label"])
+        splits[split] = (np.asarray(d["image"], np.uint8), np.asarray(d["label"], np.int32))
+    return TaskData(name, TASKS[name].num_classes, TASKS[name].description, splits)
+
+
+def build_suite(cfg: Any, data_dir: str | None = None) -> Suite:
     """Builds the suite a config's ``suite`` section asks for.
 
     Args:
         cfg: the ``suite`` ConfigDict (or any object with these attributes): ``tasks`` (list of
             ``TASKS`` keys), ``n_train``, ``n_val``, ``n_test``, ``seed``.
+        data_dir: if given, every task goes through tensorflow-datasets: it is written once as
+            a local array_record dataset ``offline_<task>`` under
+            ``data_dir/<task_data_key(task, cfg)>/`` and read back with the same loader that
+            serves the real tasks (``epmq_jax.data.tfds_local``). None: built in memory.
 
     Returns:
         A ``Suite`` whose tasks are in ``cfg.tasks`` order.
@@ -338,6 +376,11 @@ def build_suite(cfg: Any) -> Suite:
     names = list(cfg.tasks)
     if len(set(names)) != len(names):
         raise ValueError(f"suite.tasks has duplicates: {names}")
+    for n in names:
+        if n not in TASKS:
+            raise ValueError(f"unknown task {n!r}; known tasks: {sorted(TASKS)}")
+    if data_dir is not None:
+        return Suite(tuple(_load_or_write_tfds(n, cfg, data_dir) for n in names))
     return Suite(tuple(make_task(n, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
                                  seed=cfg.seed) for n in names))
 
