@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -116,7 +117,9 @@ class CalibResult:
       stats: one JSON-able dict per layer, in calibration order: ``path``, ``block``, ``group``,
         ``rel_dist``, ``cond``, ``damp``, ``obj_merged``, ``obj_relaxed``, ``obj_rounded``,
         ``rounding``, ``time_s`` (see :func:`~epmq_jax.calib.solve_layer`), ``n_rows``,
-        ``task_weights``.
+        ``task_weights``. RTN of the merge (``gptq`` objective, ``rtn`` rounding) needs no data
+        and runs no forward pass: its entries hold only ``path``, ``block``, ``group``,
+        ``rounding`` and ``time_s``.
     """
 
     params: PyTree
@@ -294,6 +297,8 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         bs = -(-bs // k) * k
         sharding = NamedSharding(mesh, P(axis))
     blocks = list(adapter.block_paths(params))
+    if obj.kind == "gptq" and config.rounder == "rtn":   # data-free: no forward passes at all
+        return _rtn_only(adapter, params, blocks, config)
 
     ckpt = None
     done, restored, stats = 0, {}, []
@@ -353,6 +358,24 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
     for full, q in kernels.items():
         out_params = _set_path(out_params, _key_path(full), q)
     return CalibResult(out_params, stats)
+
+
+def _rtn_only(adapter, params, blocks, config: CalibConfig) -> CalibResult:
+    """RTN of every kernel the adapter names (it needs no calibration data)."""
+    from epmq_jax.quant import rtn
+
+    out, stats = params, []
+    for k, bpath in enumerate(blocks):
+        where = "/".join(str(p) for p in bpath)
+        for gi, group in enumerate(adapter.linear_groups(adapter.block_kind(k))):
+            for rel in group:
+                t0 = time.perf_counter()
+                q = rtn(_kernel(get_path(params, bpath), rel, where), config.spec)
+                jax.block_until_ready(q)
+                out = _set_path(out, [*bpath, *_key_path(rel)], q)
+                stats.append({"path": f"{where}/{rel}", "block": k, "group": gi, "rounding": "rtn",
+                              "time_s": time.perf_counter() - t0})
+    return CalibResult(out, stats)
 
 
 def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q_carry, e_carry,
