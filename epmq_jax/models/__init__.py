@@ -10,6 +10,7 @@ from epmq_jax.models.clip import (
     CLIPVisionModelWithProjection,
 )
 from epmq_jax.models.hf import CheckpointMismatchError, from_pretrained
+from epmq_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
 __all__ = [
     "BertConfig",
@@ -23,4 +24,6 @@ __all__ = [
     "CLIPVisionModelWithProjection",
     "from_pretrained",
     "mean_pool",
+    "T5Config",
+    "T5ForConditionalGeneration",
 ]
