@@ -35,6 +35,14 @@ come from the pipeline's own run.
       TIES (lambda 0.3 best on val)       69.8   -> 17.5 points
       RTN per-channel 4 / 3 / 2 bits      68.6 / 64.2 / 42.1  (vs 70.6 FP merge)
   Validation TA: lambda 0.1: 71.1, 0.2: 69.8, 0.3: 66.0, 0.5: 57.5, 1.0: 33.9.
+  Quantization of that merge (TA, lambda 0.1) through the project's calibration driver
+  (epmq_jax.calib.calibrate, `gptq` objective, 256 calibration images per task; the patch
+  embedding and the projection stay float), test average, change vs FP merge 70.6:
+      group_size -1 (per channel): RTN 4/3/2 bits 69.1 / 66.1 / 46.0  (-1.5 / -4.5 / -24.6)
+                                   GPTQ 4/3/2 bits 70.6 / 68.9 / 61.4  (+0.0 / -1.7 / -9.1)
+      group_size 64:               RTN 4/3/2 bits 69.4 / 67.8 / 45.8  (-1.1 / -2.8 / -24.8)
+                                   GPTQ 4/3 bits   70.9 / 68.0        (+0.3 / -2.5)
+  So GPTQ first loses >= 1 point at 3 bits (both group sizes); 4 bits is nearly free.
   The whole tuning script (suite, training, 11 merges, 16 evaluations of 8 tasks) used
   6.9 CPU-minutes (34 min wall under the load above); the pipeline's results.json has the
   uncontended timings.
