@@ -43,6 +43,14 @@ come from the pipeline's own run.
       group_size 64:               RTN 4/3/2 bits 69.4 / 67.8 / 45.8  (-1.1 / -2.8 / -24.8)
                                    GPTQ 4/3 bits   70.9 / 68.0        (+0.3 / -2.5)
   So GPTQ first loses >= 1 point at 3 bits (both group sizes); 4 bits is nearly free.
+- Run 3: as run 2 but fine-tuning lr 1e-3: experts 85.0, TA best (val lambda 0.1) 69.6,
+  TIES 69.3, RTN per-channel 4/3/2 bits 66.9/63.0/37.4. Smaller task vectors did not make the
+  merge better, only the experts worse: kept lr 2e-3.
+  Note: the merges sit only ~3 points above the heads on the frozen pretrained encoder
+  (67.2), and the validation-best lambda is small (0.1): the heads are linear probes fit on
+  all of each task's training images (stronger than CLIP's zero-shot heads), and the task
+  vectors of these domains interfere strongly. The merge scaling must be chosen on
+  validation (the pipeline does); lambda 0.3 loses 4.5 more points.
   The whole tuning script (suite, training, 11 merges, 16 evaluations of 8 tasks) used
   6.9 CPU-minutes (34 min wall under the load above); the pipeline's results.json has the
   uncontended timings.
