@@ -129,3 +129,10 @@ def test_fit_head_separates_linearly_separable_classes():
     assert head["kernel"].shape == (8, 3)
     pred = np.argmax(np.asarray(train.head_logits(jnp.asarray(feats), head, 10.0)), axis=1)
     assert np.mean(pred == labels) > 0.97
+
+
+def test_train_all_builds_the_suite_through_tfds(trained):
+    cfg, suite, cache, first, _ = trained
+    out = train.train_all(cfg, cache)  # suite=None: written to and read from cache/tfds
+    assert out.timings["cache_hits"] == 1 + 2 * len(suite)
+    assert len(os.listdir(os.path.join(cache, "tfds"))) == len(suite)
