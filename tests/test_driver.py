@@ -267,6 +267,9 @@ def test_killed_run_resumes_from_last_block_with_identical_result(tmp_path, monk
     with pytest.raises(ValueError, match="another run"):
         calibrate(ToyAdapter(), merged, inputs, dataclasses.replace(cfg, damp=0.02), experts=experts,
                   checkpoint_dir=tmp_path / "ck")
+    other_merge = jax.tree.map(lambda a: a * 1.01, merged)            # same shapes, other values
+    with pytest.raises(ValueError, match="another run"):
+        calibrate(ToyAdapter(), other_merge, inputs, cfg, experts=experts, checkpoint_dir=tmp_path / "ck")
 
 
 def test_sharded_over_8_devices_equals_single_device():

@@ -23,9 +23,22 @@ _QW_FIELDS = ("packed", "scales", "zeros", "g_idx", "input_scale")
 _QW_META = ("bits", "group_size", "symmetric", "shape", "dtype")
 
 
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of the run's description (config repr, shapes, T, ...)."""
-    return hashlib.sha256(json.dumps([repr(p) for p in parts]).encode()).hexdigest()[:16]
+@jax.jit
+def _checksum(tree: Any) -> jax.Array:
+    """Two position-weighted sums over all leaves: tells apart trees of equal shapes but other values."""
+    leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.stack([sum((i + 1.0) * jnp.sum(x) for i, x in enumerate(leaves)),
+                      sum(jnp.sum(x * x) for x in leaves)])
+
+
+def fingerprint(*parts: Any, trees: Any = ()) -> str:
+    """A short stable hash of the run: ``parts`` by repr (config, ...), ``trees`` (params,
+    experts, inputs) by structure, shapes, dtypes and value checksums."""
+    desc = [repr(p) for p in parts]
+    for tree in trees:
+        desc.append(repr(jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)))
+        desc.append(repr(jax.device_get(_checksum(tree)).tolist()))
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
 def _encode(q) -> tuple[dict, dict]:

@@ -305,8 +305,9 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
     if checkpoint_dir is not None:
         from epmq_jax.calib._resume import BlockCheckpointer, fingerprint
 
-        shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), (params, list(task_inputs)))
-        ckpt = BlockCheckpointer(checkpoint_dir, fingerprint(config, shapes, T, adapter.__class__.__name__))
+        run_id = fingerprint(config, type(adapter).__qualname__,
+                             trees=(params, list(task_inputs), list(experts or [])))
+        ckpt = BlockCheckpointer(checkpoint_dir, run_id)
         state = ckpt.restore()
         if state is not None:
             done, restored, stats = state
