@@ -1,0 +1,264 @@
+"""The Hugging Face pipeline end to end on tiny random checkpoints and local tfds data, offline.
+
+For CLIP and for T5: a base checkpoint and two experts (the base with perturbed weights) saved
+with transformers' ``save_pretrained``, a word-level tokenizer built with the ``tokenizers``
+library, two tasks written as local tfds datasets; the paper config is loaded and shrunk, then
+``pipeline.run`` must write the FP experts / FP merge / GPTQ / E-PMQ rows and reloadable packed
+checkpoints. Independent checks: the FP expert row equals accuracies computed here with the
+PyTorch reference models (CLIP), the merge equals the task-arithmetic formula on the torch
+weights, and a checkpoint reloads to its recorded row.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from epmq_jax.config import load_config  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]  # ids 0..3
+
+
+def _word_tokenizer(texts, path, *, bos: bool):
+    """A word-level fast tokenizer over the words of ``texts`` (lower-cased), saved to ``path``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    vocab = {w: i for i, w in enumerate([*SPECIALS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = "<s> $A </s>" if bos else "$A </s>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(s, vocab[s]) for s in ("<s>", "</s>")])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>", bos_token="<s>")
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def _perturbed(model, seed, scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _shrink(cfg, tasks, base, experts, data_dir, *, group):
+    cfg.model.base = str(base)
+    cfg.model.experts = {t: str(p) for t, p in zip(tasks, experts)}
+    cfg.data.tasks = tuple(tasks)
+    cfg.data.data_dir = str(data_dir)
+    cfg.quant.update(dict(bits=(4,), methods=("gptq", "epmq"), group_size=group))
+    cfg.calib.update(dict(n_per_task=8, batch_size=8, regmean=False, lam_sweep=(0.1,), ablations=()))
+    cfg.eval.update(dict(batch_size=8, progress=False))
+
+
+def _check_rows(doc, tasks):
+    rows = {(r["merge"], r["method"], r["bits"]): r for r in doc["rows"]}
+    for key in [("expert", "fp", None), ("ta", "fp", None), ("ta", "gptq", 4), ("ta", "epmq", 4)]:
+        assert key in rows, f"no row {key}: {sorted(rows, key=str)}"
+        r = rows[key]
+        assert list(r["per_task"]) == list(tasks)
+        assert all(0.0 <= a <= 100.0 for a in r["per_task"].values())
+        assert r["merge_scaling"] == (None if key[0] == "expert" else 0.3)
+    assert rows[("ta", "epmq", 4)]["default"] and rows[("ta", "epmq", 4)]["lam"] == 0.1
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+CLIP_TASKS = ("mnist", "eurosat")
+
+
+def _clip_prompts():
+    from epmq_jax.models.templates import TASKS
+
+    return [tpl.format(c=c) for t in CLIP_TASKS for c in TASKS[t].classnames for tpl in TASKS[t].templates]
+
+
+@pytest.fixture(scope="module")
+def clip_setup(tmp_path_factory):
+    from epmq_jax.data import tfds_local
+
+    root = tmp_path_factory.mktemp("hf_clip")
+    vocab = _word_tokenizer(_clip_prompts(), root / "base", bos=True)
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=20, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=16, patch_size=8),
+        projection_dim=16)
+    base = transformers.CLIPModel(cfg).eval()
+    base.save_pretrained(root / "base")
+    experts = []
+    for i, task in enumerate(CLIP_TASKS):  # FusionBench-style: vision tower only, no projection
+        ev = transformers.CLIPVisionModel(cfg.vision_config)
+        ev.load_state_dict(base.vision_model.state_dict())
+        _perturbed(ev, seed=i + 1).eval().save_pretrained(root / task)
+        experts.append(root / task)
+
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for task in CLIP_TASKS:
+        splits = {s: {"image": rng.integers(0, 256, (n, 20, 24, 3), dtype=np.uint8),
+                      "label": rng.integers(0, 10, n)}
+                  for s, n in (("train", 16), ("validation", 8), ("test", 12))}
+        name = "mnist" if task == "mnist" else f"epmq_{task}"  # a tfds name and a local fallback
+        if task == "mnist":
+            splits.pop("validation")
+        tfds_local.write_local_dataset(name, data, splits, num_classes={"label": 10})
+    return root, base, experts, data
+
+
+def _torch_accuracy(base, vision, tokenizer_dir, task, data):
+    """Zero-shot accuracy with transformers alone: processor, text tower, expert vision tower."""
+    from epmq_jax.data import registry
+    from epmq_jax.models.templates import TASKS
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    spec = TASKS[task]
+    cols = []
+    with torch.no_grad():
+        for c in spec.classnames:
+            enc = tok([t.format(c=c) for t in spec.templates], padding="max_length", max_length=20,
+                      return_tensors="pt")
+            e = base.get_text_features(**enc).pooler_output.double()
+            e = e / e.norm(dim=-1, keepdim=True)
+            m = e.mean(0)
+            cols.append(m / m.norm())
+        head = torch.stack(cols, 1)
+        split = registry.load_task_split(task, "test", data)
+        pix = proc(images=list(split["image"]), return_tensors="pt")["pixel_values"]
+        feats = base.visual_projection(vision(pixel_values=pix).pooler_output).double()
+        pred = (feats @ head).argmax(-1).numpy()
+    return 100.0 * np.mean(pred == split["label"])
+
+
+def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, tmp_path):
+    from epmq_jax import pipeline_hf
+
+    root, base, experts, data = clip_setup
+    cfg = load_config(CONFIGS / "clip_vit_b32_ta8.py")
+    cfg.data.image_size = 16
+    _shrink(cfg, CLIP_TASKS, root / "base", experts, data, group=32)
+    doc = pipeline_hf.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
+    rows = _check_rows(doc, CLIP_TASKS)
+
+    # FP experts and FP merge against transformers' models and the TA formula on torch weights
+    for task, path in zip(CLIP_TASKS, experts):
+        vision = transformers.CLIPVisionModel.from_pretrained(path).eval()
+        want = _torch_accuracy(base, vision, root / "base", task, data)
+        assert rows[("expert", "fp", None)]["per_task"][task] == pytest.approx(want)
+    merged = transformers.CLIPVisionModel(base.config.vision_config)
+    sd = base.vision_model.state_dict()
+    ex = [transformers.CLIPVisionModel.from_pretrained(p).state_dict() for p in experts]
+    merged.load_state_dict({k: v + 0.3 * sum(e[k] - v for e in ex) for k, v in sd.items()})
+    for task in CLIP_TASKS:
+        want = _torch_accuracy(base, merged.eval(), root / "base", task, data)
+        assert rows[("ta", "fp", None)]["per_task"][task] == pytest.approx(want)
+
+    out = tmp_path / "run"
+    for f in ("results.json", "results.md", "results.csv", "metrics.json", "solver_stats/ta_gptq_w4.json"):
+        assert (out / f).is_file(), f
+    assert set(doc["checkpoints"]) == {"ta_gptq_w4", "ta_epmq_w4"}
+    # the packed checkpoint reloads with QuantizedWeight leaves and reproduces its row; the CLI
+    # path (pipeline.run) dispatches to pipeline_hf
+    from epmq_jax.quant import is_quantized
+
+    meta, models, params = pipeline_hf.load_checkpoint(doc["checkpoints"]["ta_epmq_w4"])
+    q = params["encoder"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert is_quantized(q) and q.bits == 4 and meta["row"] == rows[("ta", "epmq", 4)]
+    assert not is_quantized(params["embeddings"]["patch_embedding"]["kernel"])
+    result = pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_epmq_w4"], log=lambda _: None)
+    assert result["matches_recorded"]
+
+
+def test_quant_filter_must_match_the_adapter(clip_setup, tmp_path):
+    from epmq_jax import pipeline_hf
+
+    root, _, experts, data = clip_setup
+    cfg = load_config(CONFIGS / "clip_vit_b32_ta8.py")
+    cfg.data.image_size = 16
+    _shrink(cfg, CLIP_TASKS, root / "base", experts, data, group=32)
+    cfg.quant.filter = r"mlp/fc1/kernel"
+    with pytest.raises(ValueError, match="quant.filter"):
+        pipeline_hf.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------- T5
+
+
+T5_TASKS = ("sst2", "rte")
+
+
+@pytest.fixture(scope="module")
+def t5_setup(tmp_path_factory):
+    from epmq_jax.data import glue, tfds_local
+
+    root = tmp_path_factory.mktemp("hf_t5")
+    sentences = [f"the film number {i} was {w}" for i, w in enumerate(["good", "bad", "fine", "dull"] * 4)]
+    data = root / "data"
+    texts = []
+    for task in T5_TASKS:
+        spec = glue.get_task(task)
+        labels = np.arange(16) % 2
+        cols = {f: [f"{s} {f}" for s in sentences] for f in spec.fields}
+        tfds_local.write_local_dataset(task, data / "glue", {
+            "train": {**cols, "label": labels},
+            "validation": {**{f: v[:8] for f, v in cols.items()}, "label": labels[:8]}},
+            num_classes={"label": 2})
+        texts += [glue.format_input(spec, {f: cols[f][i] for f in spec.fields}) for i in range(16)]
+        texts += list(spec.label_words)
+    vocab = _word_tokenizer(texts, root / "base", bos=False)
+    cfg = transformers.T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration(cfg).eval()
+    base.save_pretrained(root / "base")
+    experts = []
+    for i, task in enumerate(T5_TASKS):
+        _perturbed(transformers.T5ForConditionalGeneration.from_pretrained(root / "base"), seed=i + 1
+                   ).save_pretrained(root / task)
+        experts.append(root / task)
+    return root, experts, data
+
+
+def test_t5_run_writes_rows_and_checkpoints_reload(t5_setup, tmp_path):
+    from epmq_jax import pipeline_hf
+    from epmq_jax.quant import is_quantized
+
+    root, experts, data = t5_setup
+    cfg = load_config(CONFIGS / "flan_t5_base_glue.py")
+    _shrink(cfg, T5_TASKS, root / "base", experts, data, group=32)
+    cfg.model.tokenizer = str(root / "base")
+    cfg.data.update(dict(max_length=48, max_target_length=4))
+    cfg.eval.max_new_tokens = 3
+    doc = pipeline_hf.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
+    rows = _check_rows(doc, T5_TASKS)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for name, row in (("expert_fp", rows[("expert", "fp", None)]), ("ta_gptq_w4", rows[("ta", "gptq", 4)])):
+        for task in T5_TASKS:
+            assert metrics[name][task]["n"] == 8
+            assert row["per_task"][task] == pytest.approx(100 * metrics[name][task]["accuracy"])
+    stats = json.loads((tmp_path / "run" / "solver_stats" / "ta_epmq_w4.json").read_text())
+    assert len(stats) == 7 + 11  # encoder block: q, k, v, o, wi_0, wi_1, wo; decoder + q, k, v, o
+    meta, _, params = pipeline_hf.load_checkpoint(doc["checkpoints"]["ta_gptq_w4"])
+    assert is_quantized(params["decoder"]["block"][0]["layer"][1]["EncDecAttention"]["k"]["kernel"])
+    assert not is_quantized(params["shared"]["embedding"])
+    assert pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_gptq_w4"], log=lambda _: None)["matches_recorded"]
