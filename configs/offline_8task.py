@@ -92,7 +92,7 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     # ---- merge / quant / calib / eval (epmq_jax.pipeline)
     c.merge = ml_collections.ConfigDict(dict(
         methods=("ta", "ties"),
-        scalings=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),  # candidates, chosen on validation
+        scalings=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0),  # candidates, chosen on validation
         scaling=ml_collections.config_dict.placeholder(float),  # set to skip the selection
         ties_density=0.2, ties_trim="global",
         filter="",  # regex on leaf paths of the merged leaves ("" = every float leaf of the encoder)

@@ -203,19 +203,25 @@ def cache_dir(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     return Path(explicit) if explicit else Path(workdir) / "cache"
 
 
+def data_dir(cache: Path) -> Path:
+    """Where the suite is written once as local tfds (array_record) datasets and read back."""
+    return (Path(cache) / "tfds").absolute()
+
+
 def prepare(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = say) -> Job:
-    """Builds the suite, trains or loads the models, samples the calibration images."""
+    """Builds the suite (through tfds, under the cache), trains or loads the models, samples the
+    calibration images."""
     from epmq_jax import train
     from epmq_jax.data import offline_suite
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    cache = cache_dir(cfg, workdir)
     t0 = time.perf_counter()
-    suite = offline_suite.build_suite(cfg.suite)
+    suite = offline_suite.build_suite(cfg.suite, data_dir=str(data_dir(cache)))
     timings["build_suite"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cache = cache_dir(cfg, workdir)
     log(f"[epmq] training (cached under {cache}) ...")
     trained = train.train_all(cfg, str(cache), suite)
     timings["train"] = time.perf_counter() - t0
@@ -249,7 +255,7 @@ def evaluate(job: Job, params: Params | Sequence[Params], split: str = "test", *
                            disable=not job.cfg.eval.progress):
         x, y = job.suite[task].splits[split]
         out[task] = job.trained.evaluate(tree, task, x, y, batch_size=int(job.cfg.eval.batch_size))
-    job.add_time("evaluate", time.perf_counter() - t0)
+    job.add_time(f"evaluate_{split}", time.perf_counter() - t0)
     return out
 
 
@@ -260,12 +266,16 @@ def merge_params(job: Job, method: str, scaling: float) -> Params:
     mcfg = job.cfg.merge
     base, experts = job.trained.pretrained, job.experts
     filt = mcfg.get("filter") or None
+    t0 = time.perf_counter()
     if method == "ta":
-        return merge.task_arithmetic(base, experts, scaling=scaling, filter=filt)
-    if method == "ties":
-        return merge.ties_merging(base, experts, scaling=scaling, density=float(mcfg.ties_density),
-                                  trim=mcfg.ties_trim, filter=filt)
-    raise ValueError(f"merge.methods: unknown merge method {method!r}; expected 'ta' or 'ties'")
+        out = merge.task_arithmetic(base, experts, scaling=scaling, filter=filt)
+    elif method == "ties":
+        out = merge.ties_merging(base, experts, scaling=scaling, density=float(mcfg.ties_density),
+                                 trim=mcfg.ties_trim, filter=filt)
+    else:
+        raise ValueError(f"merge.methods: unknown merge method {method!r}; expected 'ta' or 'ties'")
+    job.add_time("merge", time.perf_counter() - t0)
+    return out
 
 
 def choose_scaling(job: Job, method: str) -> tuple[float, dict[float, float]]:
@@ -279,13 +289,11 @@ def choose_scaling(job: Job, method: str) -> tuple[float, dict[float, float]]:
     fixed = job.cfg.merge.get("scaling")
     if fixed is not None:
         return float(fixed), {}
-    t0 = time.perf_counter()
     scores = {}
     for s in job.cfg.merge.scalings:
         acc = evaluate(job, merge_params(job, method, float(s)), "validation", desc=f"{method} λ={s:g} (val)")
         scores[float(s)] = float(np.mean(list(acc.values())))
     best = max(scores, key=lambda s: (scores[s], -s))
-    job.add_time("select_merge_on_validation", time.perf_counter() - t0)
     job.log(f"[epmq] {method}: merge coefficient {best:g} chosen on validation "
             f"({', '.join(f'{s:g}: {v:.1f}' for s, v in scores.items())})")
     return best, scores
@@ -360,11 +368,19 @@ def row_of(v: Variant, per_task: Mapping[str, float], scaling: float | None) -> 
                            merge_scaling=scaling, **v.sw)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the wall time depends on what else runs)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = True, log: Log = say) -> dict[str, Any]:
     """The whole job (module docstring); returns the results document also written to results.json."""
     from tqdm.auto import tqdm
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     job = prepare(cfg, workdir, log=log)
     variants = plan(cfg)
     stats_dir = job.workdir / "solver_stats"
@@ -398,6 +414,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
             save_checkpoint(job, params, row, path)
             checkpoints[v.name] = str(path)
     job.timings["total"] = time.perf_counter() - t_start
+    job.timings["cpu_total"] = _cpu_seconds() - cpu_start
     doc = {"rows": rows, "config": _config_dict(cfg), "timings": dict(job.timings),
            "notes": [SPLIT_NOTE], "checkpoints": checkpoints, "solver_stats": str(stats_dir)}
     report.write_json(job.workdir / "results.json", rows, config=doc["config"], timings=doc["timings"],
@@ -441,8 +458,9 @@ def save_checkpoint(job: Job, params: Params, row: Mapping[str, Any], path: str 
 
     Layout: ``path/tree`` (orbax, via :mod:`epmq_jax.checkpoint`: ``{"encoder": params,
     "heads": {task: head}}``, ``QuantizedWeight`` leaves kept packed) and ``path/meta.json``
-    (format, config, row, tasks, logit scale). :func:`eval_checkpoint` needs nothing else but
-    the suite's data sources.
+    (format, config, row, tasks, logit scale, the suite's tfds directory).
+    :func:`eval_checkpoint` needs nothing else but the suite's data (rebuilt from its sources
+    if that directory is gone).
     """
     from epmq_jax import checkpoint
 
@@ -450,7 +468,8 @@ def save_checkpoint(job: Job, params: Params, row: Mapping[str, Any], path: str 
     path.mkdir(parents=True, exist_ok=True)
     checkpoint.save(path / "tree", {"encoder": params, "heads": job.trained.heads})
     meta = {"format": CHECKPOINT_FORMAT, "config": _config_dict(job.cfg), "row": dict(row),
-            "tasks": job.tasks, "logit_scale": job.trained.logit_scale}
+            "tasks": job.tasks, "logit_scale": job.trained.logit_scale,
+            "data_dir": str(data_dir(cache_dir(job.cfg, job.workdir)))}
     (path / "meta.json").write_text(json.dumps(meta, indent=1))
     return path
 
@@ -493,7 +512,8 @@ def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
     meta, graphdef, encoder, heads = load_checkpoint(path)
     cfg = ml_collections.ConfigDict(meta["config"])
     trained = train.TrainedModels(graphdef, {}, {}, heads, float(meta["logit_scale"]), {})
-    suite = offline_suite.build_suite(cfg.suite)
+    tfds_dir = meta.get("data_dir")
+    suite = offline_suite.build_suite(cfg.suite, data_dir=tfds_dir if tfds_dir and Path(tfds_dir).is_dir() else None)
     job = Job(cfg, Path(path), suite, trained, [], {}, log)
     rec = meta["row"]
     per_task = evaluate(job, encoder, "test", desc=Path(path).name)

@@ -161,3 +161,20 @@ def test_overrides_apply_in_order():
     apply_override(cfg, "q.bits", "3")
     apply_override(cfg, "q.bits", "2")
     assert cfg.q.bits == 2
+
+
+def test_report_subcommand_rewrites_the_report(tmp_path, capsys):
+    from epmq_jax import report
+
+    rows = [report.make_row("expert", "fp", {"a": 90.0, "b": 80.0}),
+            report.make_row("ta", "fp", {"a": 70.0, "b": 60.0}, merge_scaling=0.3),
+            report.make_row("ta", "gptq", {"a": 65.0, "b": 55.0}, bits=4, merge_scaling=0.3)]
+    report.write_json(tmp_path / "results.json", rows, timings={"total": 1.0})
+    rc, out, err = run_main(capsys, "report", "--workdir", str(tmp_path))
+    assert rc == 0 and err == ""
+    assert "GPTQ w4" in out and "60.0" in out
+    assert report.read_csv(tmp_path / "results.csv") == rows
+    assert (tmp_path / "results.md").read_text().startswith("# epmq results")
+    assert not (tmp_path / "per_task.png").exists()
+    assert run_main(capsys, "report", "--results", str(tmp_path / "results.json"), "--plots")[0] == 0
+    assert (tmp_path / "per_task.png").stat().st_size > 10_000
