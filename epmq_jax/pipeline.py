@@ -378,6 +378,9 @@ def _cpu_seconds() -> float:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = True, log: Log = say) -> dict[str, Any]:
     """The whole job (module docstring); returns the results document also written to results.json."""
+    if cfg.get("model", {}).get("family") in ("clip", "clip_vision", "t5"):  # Hugging Face checkpoints
+        from epmq_jax import pipeline_hf
+        return pipeline_hf.run(cfg, workdir, plots=plots, log=log)
     from tqdm.auto import tqdm
 
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
