@@ -97,7 +97,7 @@ def clip_setup(tmp_path_factory):
         text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, max_position_embeddings=20, pad_token_id=0,
                          eos_token_id=1, bos_token_id=3),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, image_size=16, patch_size=8),
         projection_dim=16)
     base = transformers.CLIPModel(cfg).eval()
@@ -262,3 +262,17 @@ def test_t5_run_writes_rows_and_checkpoints_reload(t5_setup, tmp_path):
     assert is_quantized(params["decoder"]["block"][0]["layer"][1]["EncDecAttention"]["k"]["kernel"])
     assert not is_quantized(params["shared"]["embedding"])
     assert pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_gptq_w4"], log=lambda _: None)["matches_recorded"]
+
+
+@pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "flan_t5_base_glue"])
+def test_epmq_run_dispatches_paper_configs_to_pipeline_hf(config, tmp_path, monkeypatch):
+    from epmq_jax import cli, pipeline_hf
+
+    calls = []
+    monkeypatch.setattr(pipeline_hf, "run", lambda cfg, workdir, **kw: calls.append((cfg, workdir, kw)))
+    rc = cli.main(["run", "--config", str(CONFIGS / f"{config}.py"), "--workdir", str(tmp_path),
+                   "--no-plots", "--config.calib.n_per_task=4"])
+    assert rc == 0 and len(calls) == 1
+    cfg, workdir, kw = calls[0]
+    assert cfg.name == config and cfg.calib.n_per_task == 4
+    assert Path(workdir) == tmp_path and kw["plots"] is False
