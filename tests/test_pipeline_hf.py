@@ -122,7 +122,7 @@ def clip_setup(tmp_path_factory):
     return root, base, experts, data
 
 
-def _torch_accuracy(base, vision, tokenizer_dir, task, data):
+def _torch_accuracy(base, vision, tokenizer_dir, task, data, split="test"):
     """Zero-shot accuracy with transformers alone: processor, text tower, expert vision tower."""
     from epmq_jax.data import registry
     from epmq_jax.models.templates import TASKS
@@ -140,7 +140,7 @@ def _torch_accuracy(base, vision, tokenizer_dir, task, data):
             m = e.mean(0)
             cols.append(m / m.norm())
         head = torch.stack(cols, 1)
-        split = registry.load_task_split(task, "test", data)
+        split = registry.load_task_split(task, split, data)
         pix = proc(images=list(split["image"]), return_tensors="pt")["pixel_values"]
         feats = base.visual_projection(vision(pixel_values=pix).pooler_output).double()
         pred = (feats @ head).argmax(-1).numpy()
@@ -184,6 +184,27 @@ def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, 
     assert not is_quantized(params["embeddings"]["patch_embedding"]["kernel"])
     result = pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_epmq_w4"], log=lambda _: None)
     assert result["matches_recorded"]
+
+
+def test_merge_coefficient_chosen_on_validation(clip_setup, tmp_path):
+    from epmq_jax import pipeline_hf
+
+    root, base, experts, data = clip_setup
+    cfg = load_config(CONFIGS / "clip_vit_b32_ta8.py")
+    cfg.data.image_size = 16
+    _shrink(cfg, ("eurosat",), root / "base", experts[1:], data, group=32)
+    cfg.merge.scaling = None
+    cfg.merge.scalings = (0.5, 3.0)
+    job = pipeline_hf.prepare(cfg, tmp_path, log=lambda _: None)
+    sd = base.vision_model.state_dict()
+    ex = transformers.CLIPVisionModel.from_pretrained(experts[1]).state_dict()
+    val = {}
+    for s in cfg.merge.scalings:  # validation accuracy of each candidate with transformers
+        merged = transformers.CLIPVisionModel(base.config.vision_config)
+        merged.load_state_dict({k: v + s * (ex[k] - v) for k, v in sd.items()})
+        val[s] = _torch_accuracy(base, merged.eval(), root / "base", "eurosat", data, "validation")
+    want = max(val, key=lambda s: (val[s], -s))
+    assert pipeline_hf.choose_scaling(job, "ta") == want
 
 
 def test_quant_filter_must_match_the_adapter(clip_setup, tmp_path):
@@ -262,6 +283,9 @@ def test_t5_run_writes_rows_and_checkpoints_reload(t5_setup, tmp_path):
     assert is_quantized(params["decoder"]["block"][0]["layer"][1]["EncDecAttention"]["k"]["kernel"])
     assert not is_quantized(params["shared"]["embedding"])
     assert pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_gptq_w4"], log=lambda _: None)["matches_recorded"]
+    cfg.merge.scaling = None  # GLUE's validation split is the evaluation split: no selection on it
+    with pytest.raises(ValueError, match="merge.scaling"):
+        pipeline_hf.choose_scaling(pipeline_hf.prepare(cfg, tmp_path / "select", log=lambda _: None), "ta")
 
 
 @pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "flan_t5_base_glue"])
