@@ -176,8 +176,10 @@ def clip_accuracy(graphdef: Any, params: Params, head: np.ndarray, task: str, sp
 
 
 def load_clip(cfg: ml_collections.ConfigDict, tasks: Sequence[str], *, log: Log = say,
-              with_experts: bool = True) -> Models:
+              with_experts: bool = True, heads: Mapping[str, np.ndarray] | None = None) -> Models:
     """Loads the base CLIP, the expert vision towers and builds the zero-shot heads.
+
+    ``with_experts=False`` skips the experts; ``heads`` (e.g. from a checkpoint) skips building them.
 
     Raises:
       ValueError: the base is not a two-tower CLIP checkpoint, an expert is not a CLIP vision
@@ -208,20 +210,22 @@ def load_clip(cfg: ml_collections.ConfigDict, tasks: Sequence[str], *, log: Log 
             # the None attribute is static in nnx: nnx.data marks the new value as data
             m.visual_projection = nnx.data(nnx.clone(vision.visual_projection))
         experts.append(_pure(m)[1])
-    tokenizer = cfg.model.get("tokenizer") or cfg.model.base
-    tokenize = hf_tokenizer(tokenizer, max_length=int(base.config.text_config.max_position_embeddings))
-    t0 = time.perf_counter()
-    heads = {t: np.asarray(zeroshot_head(base, tokenize, t)) for t in tasks}
-    log(f"[epmq] {len(heads)} zero-shot heads in {time.perf_counter() - t0:.1f}s")
+    if heads is None:
+        tokenizer = cfg.model.get("tokenizer") or cfg.model.base
+        tokenize = hf_tokenizer(tokenizer, max_length=int(base.config.text_config.max_position_embeddings))
+        t0 = time.perf_counter()
+        heads = {t: np.asarray(zeroshot_head(base, tokenize, t)) for t in tasks}
+        log(f"[epmq] {len(heads)} zero-shot heads in {time.perf_counter() - t0:.1f}s")
     data_dir, bs = _data_dir(cfg), int(cfg.eval.batch_size)
     limit = cfg.eval.get("limit")
 
     def score(params: Params, task: str, split: str) -> tuple[float, dict[str, float]]:
-        acc = clip_accuracy(graphdef, params, heads[task], task, split, data_dir,
+        acc = clip_accuracy(graphdef, params, models.heads[task], task, split, data_dir,
                             image_size=image_size, batch_size=bs, limit=limit)
         return acc, {"accuracy": acc / 100.0}
 
-    return Models("clip", graphdef, base_params, experts, vit_adapter(vision), heads, score)
+    models = Models("clip", graphdef, base_params, experts, vit_adapter(vision), dict(heads), score)
+    return models
 
 
 def _t5_tokenizer(name: str) -> tuple[Callable[[str], list[int]], Callable[[Sequence[int]], str]]:
@@ -603,15 +607,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Models, Params]:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    cfg = ml_collections.ConfigDict(meta["config"])
-    loader = load_clip if meta["family"] == "clip" else load_t5
-    models = loader(cfg, meta["tasks"], log=lambda _: None, with_experts=False)
-    target: dict[str, Any] = {"model": models.base}
-    if models.heads:
-        target["heads"] = {t: {"kernel": 0} for t in meta["tasks"]}
-    tree = checkpoint.load(path / "tree", target=target)
-    if models.heads:
-        models.heads = {t: np.asarray(tree["heads"][t]["kernel"]) for t in meta["tasks"]}
+    cfg, tasks = ml_collections.ConfigDict(meta["config"]), list(meta["tasks"])
+    if meta["family"] == "clip":
+        models = load_clip(cfg, tasks, with_experts=False, heads={t: None for t in tasks})
+        tree = checkpoint.load(path / "tree", target={"model": models.base,
+                                                      "heads": {t: {"kernel": 0} for t in tasks}})
+        models.heads = {t: np.asarray(tree["heads"][t]["kernel"]) for t in tasks}
+    else:
+        models = load_t5(cfg, tasks, with_experts=False)
+        tree = checkpoint.load(path / "tree", target={"model": models.base})
     return meta, models, tree["model"]
 
 
