@@ -9,6 +9,7 @@ from epmq_jax.calib.adapter import (
     capture_nnx,
     vit_adapter,
 )
+from epmq_jax.calib.adapters_t5 import T5Adapter, t5_adapter
 from epmq_jax.calib.driver import CalibConfig, CalibResult, calibrate
 from epmq_jax.calib.layer import epmq_layer
 from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
@@ -24,6 +25,8 @@ __all__ = [
     "capture_linen",
     "capture_nnx",
     "vit_adapter",
+    "T5Adapter",
+    "t5_adapter",
     "Moments",
     "Objective",
     "System",

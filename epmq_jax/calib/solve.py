@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
 from epmq_jax.calib.stats import Moments
-from epmq_jax.quant._gptq import _damped_factor
+from epmq_jax.quant._gptq import damped_inverse_factor
 
 Rounding = Literal["gptq", "rtn", "awq", "none"]
 ROUNDINGS = ("gptq", "rtn", "awq", "none")
@@ -60,7 +60,7 @@ def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01) -> 
     b = b.astype(jnp.float32)
     center = center.astype(jnp.float32)
     h, b = _fix_dead(h, b, center)
-    u, d, ok = _damped_factor(h, jnp.asarray(damp, jnp.float32))   # UᵀU = (H + dμI)⁻¹
+    u, d, ok = damped_inverse_factor(h, jnp.asarray(damp, jnp.float32))   # UᵀU = (H + dμI)⁻¹
     mu = jnp.mean(jnp.diag(h))
     w = jnp.matmul(u.T, jnp.matmul(u, b + d * mu * center, precision=_HI), precision=_HI)
     du = jnp.diag(u)

@@ -79,7 +79,7 @@ def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
     return jax.scipy.linalg.solve_triangular(m, eye, lower=True)[::-1, ::-1]
 
 
-def _damped_factor(h: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def damped_inverse_factor(h: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Factor of ``(h + damp * mean(diag h) I)^-1``, raising ``damp`` until it factors."""
     mean_diag = jnp.mean(jnp.diag(h))
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
@@ -133,7 +133,7 @@ def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool
         wd = wd[perm]
     g_idx = (jnp.argsort(perm) // g if dynamic else rows // g).astype(jnp.int32)
 
-    u, damp_used, chol_ok = _damped_factor(h, damp.astype(ct))
+    u, damp_used, chol_ok = damped_inverse_factor(h, damp.astype(ct))
 
     # Pad to whole blocks; padded rows are decoupled (identity in U) and dropped at the end.
     bs = min(block_size, n)
