@@ -246,7 +246,7 @@ class CLIPVisionModelWithProjection(nnx.Module):
     ``pre_layrnorm``, ``encoder.layers[i]``, ``post_layernorm``, ``visual_projection``
     (kernel ``(hidden_size, projection_dim)``, no bias). ``visual_projection`` is None for
     checkpoints that have none (``CLIPVisionModel``, e.g. FusionBench's experts); give such a
-    model the base CLIP's with ``model.visual_projection = nnx.clone(base.vision_model.visual_projection)``.
+    model the base CLIP's with ``model.visual_projection = nnx.data(nnx.clone(base.vision_model.visual_projection))``.
     """
 
     def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, with_projection: bool = True):
