@@ -208,6 +208,17 @@ def data_dir(cache: Path) -> Path:
     return (Path(cache) / "tfds").absolute()
 
 
+def enable_compilation_cache(cache: Path) -> None:
+    """Keeps XLA's compiled programs under ``cache/jax`` (JAX's persistent compilation cache), so
+    a second run skips most compilation. An explicit ``JAX_COMPILATION_CACHE_DIR`` wins."""
+    import os
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str((Path(cache) / "jax").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def prepare(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = say) -> Job:
     """Builds the suite (through tfds, under the cache), trains or loads the models, samples the
     calibration images."""
@@ -218,6 +229,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = s
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     cache = cache_dir(cfg, workdir)
+    enable_compilation_cache(cache)
     t0 = time.perf_counter()
     suite = offline_suite.build_suite(cfg.suite, data_dir=str(data_dir(cache)))
     timings["build_suite"] = time.perf_counter() - t0
