@@ -271,44 +271,74 @@ def evaluate(job: Job, params: Params | Sequence[Params], split: str = "test", *
     return out
 
 
-def merge_params(job: Job, method: str, scaling: float) -> Params:
-    """Merges the experts' encoders with ``method`` (``ta`` or ``ties``) at coefficient ``scaling``."""
+def merge_trees(mcfg: ml_collections.ConfigDict, base: Params, experts: Sequence[Params], method: str,
+                scaling: float) -> Params:
+    """Merges ``experts`` into ``base`` with ``method`` (``ta`` / ``ties``) at coefficient ``scaling``.
+
+    Args:
+      mcfg: the config's ``merge`` section (``filter``, ``ties_density``, ``ties_trim``).
+      base, experts: parameter trees of equal structure.
+      method: ``"ta"`` (Task Arithmetic) or ``"ties"`` (TIES-Merging).
+      scaling: the merge coefficient.
+
+    Raises:
+      ValueError: an unknown method.
+    """
     from epmq_jax import merge
 
-    mcfg = job.cfg.merge
-    base, experts = job.trained.pretrained, job.experts
     filt = mcfg.get("filter") or None
-    t0 = time.perf_counter()
     if method == "ta":
-        out = merge.task_arithmetic(base, experts, scaling=scaling, filter=filt)
-    elif method == "ties":
-        out = merge.ties_merging(base, experts, scaling=scaling, density=float(mcfg.ties_density),
-                                 trim=mcfg.ties_trim, filter=filt)
-    else:
-        raise ValueError(f"merge.methods: unknown merge method {method!r}; expected 'ta' or 'ties'")
+        return merge.task_arithmetic(base, list(experts), scaling=scaling, filter=filt)
+    if method == "ties":
+        return merge.ties_merging(base, list(experts), scaling=scaling, density=float(mcfg.ties_density),
+                                  trim=mcfg.ties_trim, filter=filt)
+    raise ValueError(f"merge.methods: unknown merge method {method!r}; expected 'ta' or 'ties'")
+
+
+def merge_params(job: Job, method: str, scaling: float) -> Params:
+    """Merges the experts' encoders with ``method`` (``ta`` or ``ties``) at coefficient ``scaling``."""
+    t0 = time.perf_counter()
+    out = merge_trees(job.cfg.merge, job.trained.pretrained, job.experts, method, scaling)
     job.add_time("merge", time.perf_counter() - t0)
     return out
 
 
-def choose_scaling(job: Job, method: str) -> tuple[float, dict[float, float]]:
-    """Picks the merge coefficient with the best average **validation** accuracy.
+def select_scaling(mcfg: ml_collections.ConfigDict, method: str, evaluate: Callable[[float], Mapping[str, float]],
+                   *, log: Log = say) -> tuple[float, dict[float, float]]:
+    """Picks the merge coefficient with the best average **validation** score.
 
-    ``merge.scaling`` (if not None) fixes it instead. Candidates: ``merge.scalings``.
+    ``merge.scaling`` (if not None) fixes it instead. Candidates: ``merge.scalings``; ties go to
+    the smaller coefficient.
+
+    Args:
+      mcfg: the config's ``merge`` section.
+      method: the merge method (for the log line).
+      evaluate: ``scaling -> {task: validation score}`` of the merge at that coefficient.
+      log: where the choice is reported.
+
+    Returns:
+      ``(scaling, {candidate: validation average})`` (an empty dict when fixed).
+    """
+    fixed = mcfg.get("scaling")
+    if fixed is not None:
+        return float(fixed), {}
+    scores = {}
+    for s in mcfg.scalings:
+        scores[float(s)] = float(np.mean(list(evaluate(float(s)).values())))
+    best = max(scores, key=lambda s: (scores[s], -s))
+    log(f"[epmq] {method}: merge coefficient {best:g} chosen on validation "
+        f"({', '.join(f'{s:g}: {v:.1f}' for s, v in scores.items())})")
+    return best, scores
+
+
+def choose_scaling(job: Job, method: str) -> tuple[float, dict[float, float]]:
+    """:func:`select_scaling` on the suite's validation splits.
 
     Returns:
       ``(scaling, {candidate: validation average})``.
     """
-    fixed = job.cfg.merge.get("scaling")
-    if fixed is not None:
-        return float(fixed), {}
-    scores = {}
-    for s in job.cfg.merge.scalings:
-        acc = evaluate(job, merge_params(job, method, float(s)), "validation", desc=f"{method} λ={s:g} (val)")
-        scores[float(s)] = float(np.mean(list(acc.values())))
-    best = max(scores, key=lambda s: (scores[s], -s))
-    job.log(f"[epmq] {method}: merge coefficient {best:g} chosen on validation "
-            f"({', '.join(f'{s:g}: {v:.1f}' for s, v in scores.items())})")
-    return best, scores
+    return select_scaling(job.cfg.merge, method, lambda s: evaluate(
+        job, merge_params(job, method, s), "validation", desc=f"{method} λ={s:g} (val)"), log=job.log)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -321,8 +351,8 @@ def quant_spec(cfg: ml_collections.ConfigDict, bits: int):
     return QuantSpec(bits=int(bits), group_size=int(cfg.quant.group_size), symmetric=bool(cfg.quant.symmetric))
 
 
-def calibrate_variant(job: Job, v: Variant, start: Params) -> tuple[Params, list[dict]]:
-    """Runs the sequential driver for one variant, from the float encoder ``start``.
+def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]:
+    """The driver config (:class:`epmq_jax.calib.CalibConfig`) of a variant and whether it needs the experts.
 
     - ``rtn`` / ``gptq``: the ``gptq`` objective (targets from the merged layer, W* = W_m),
       rounded by RTN or GPTQ;
@@ -332,13 +362,12 @@ def calibrate_variant(job: Job, v: Variant, start: Params) -> tuple[Params, list
     - RegMean: the ``regmean`` objective (λ = 0, X̃ = X) left unrounded.
 
     Returns:
-      ``(params, stats)``: ``start`` with every calibrated kernel replaced (``QuantizedWeight``,
-      or float for unrounded variants) and the per-layer solver statistics.
+      ``(config, needs_experts)``: ``needs_experts`` is False only for the ``gptq`` objective.
     """
     from epmq_jax import calib
 
-    ccfg = job.cfg.calib
-    bits = v.bits if v.bits is not None else int(job.cfg.quant.bits[0])  # spec unused when unrounded
+    ccfg = cfg.calib
+    bits = v.bits if v.bits is not None else int(cfg.quant.bits[0])  # spec unused when unrounded
     if v.merge == "regmean":
         objective, rounding = calib.Objective(kind="regmean", task_weights=ccfg.task_weights), "none"
     elif v.method in ("rtn", "gptq", "awq"):
@@ -349,10 +378,22 @@ def calibrate_variant(job: Job, v: Variant, start: Params) -> tuple[Params, list
                                     alpha=sw["alpha"] if sw["alpha"] is not None else float(ccfg.alpha),
                                     task_weights=sw["task_weights"])
         rounding = sw["rounding"]
-    config = calib.CalibConfig(objective=objective, rounding=rounding, spec=quant_spec(job.cfg, bits),
-                               damp=float(job.cfg.quant.damp), batch_size=int(ccfg.batch_size))
+    config = calib.CalibConfig(objective=objective, rounding=rounding, spec=quant_spec(cfg, bits),
+                               damp=float(cfg.quant.damp), batch_size=int(ccfg.batch_size))
+    return config, v.merge == "regmean" or objective.kind != "gptq"
+
+
+def calibrate_variant(job: Job, v: Variant, start: Params) -> tuple[Params, list[dict]]:
+    """Runs the sequential driver for one variant (:func:`calib_config`), from the float encoder ``start``.
+
+    Returns:
+      ``(params, stats)``: ``start`` with every calibrated kernel replaced (``QuantizedWeight``,
+      or float for unrounded variants) and the per-layer solver statistics.
+    """
+    from epmq_jax import calib
+
+    config, needs_experts = calib_config(job.cfg, v)
     adapter = calib.vit_adapter(job.trained.model(start))
-    needs_experts = v.merge == "regmean" or objective.kind != "gptq"
     t0 = time.perf_counter()
     result = calib.calibrate(adapter, start, job.calib_inputs, config,
                              experts=job.experts if needs_experts else None, progress=bool(job.cfg.eval.progress))

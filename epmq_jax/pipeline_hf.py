@@ -51,11 +51,13 @@ from epmq_jax import report
 from epmq_jax.pipeline import (
     Log,
     Variant,
+    calib_config,
     dequantize_tree,
+    merge_trees,
     plan,
-    quant_spec,
     row_of,
     say,
+    select_scaling,
     write_report,
 )
 
@@ -404,69 +406,22 @@ def evaluate(job: HFJob, params: Params | Sequence[Params], split: str, *, name:
     return out
 
 
-def merge_trees(mcfg: ml_collections.ConfigDict, base: Params, experts: Sequence[Params], method: str,
-                scaling: float) -> Params:
-    """Merges ``experts`` into ``base`` with ``method`` (``ta`` / ``ties``) at ``scaling``."""
-    from epmq_jax import merge
-
-    filt = mcfg.get("filter") or None
-    if method == "ta":
-        return merge.task_arithmetic(base, list(experts), scaling=scaling, filter=filt)
-    if method == "ties":
-        return merge.ties_merging(base, list(experts), scaling=scaling, density=float(mcfg.ties_density),
-                                  trim=mcfg.ties_trim, filter=filt)
-    raise ValueError(f"merge.methods: unknown merge method {method!r}; expected 'ta' or 'ties'")
-
-
 def choose_scaling(job: HFJob, method: str) -> float:
-    """``merge.scaling`` if set, else the candidate of ``merge.scalings`` best on validation.
+    """``merge.scaling`` if set, else the candidate of ``merge.scalings`` best on validation
+    (:func:`epmq_jax.pipeline.select_scaling`).
 
     Raises:
       ValueError: selection asked for on GLUE, whose validation split is the evaluation split.
     """
-    fixed = job.cfg.merge.get("scaling")
-    if fixed is not None:
-        return float(fixed)
-    if job.models.family == "t5":
+    if job.cfg.merge.get("scaling") is None and job.models.family == "t5":
         raise ValueError("merge.scaling is None, but GLUE's validation split is where the T5 "
                          "models are scored; set merge.scaling (the paper uses 0.3)")
     t0 = time.perf_counter()
-    scores = {}
-    for s in job.cfg.merge.scalings:
-        acc = evaluate(job, merge_trees(job.cfg.merge, job.models.base, job.models.experts, method, float(s)),
-                       "validation")
-        scores[float(s)] = float(np.mean(list(acc.values())))
-    best = max(scores, key=lambda s: (scores[s], -s))
-    job.add_time("select_merge_on_validation", time.perf_counter() - t0)
-    job.log(f"[epmq] {method}: merge coefficient {best:g} chosen on validation "
-            f"({', '.join(f'{s:g}: {v:.1f}' for s, v in scores.items())})")
+    best, scores = select_scaling(job.cfg.merge, method, lambda s: evaluate(
+        job, merge_trees(job.cfg.merge, job.models.base, job.models.experts, method, s), "validation"), log=job.log)
+    if scores:
+        job.add_time("select_merge_on_validation", time.perf_counter() - t0)
     return best
-
-
-def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]:
-    """The driver config of a variant and whether it needs the experts.
-
-    ``rtn`` / ``gptq`` / ``awq``: the ``gptq`` objective with that rounding; ``epmq`` /
-    ``epmq_unrounded``: the E-PMQ objective with the variant's switches; RegMean: the
-    ``regmean`` objective, unrounded.
-    """
-    from epmq_jax import calib
-
-    ccfg = cfg.calib
-    bits = v.bits if v.bits is not None else int(cfg.quant.bits[0])  # spec unused when unrounded
-    if v.merge == "regmean":
-        objective, rounding = calib.Objective(kind="regmean", task_weights=ccfg.task_weights), "none"
-    elif v.method in ("rtn", "gptq", "awq"):
-        objective, rounding = calib.Objective(kind="gptq"), v.method
-    else:
-        sw = v.sw
-        objective = calib.Objective(kind="epmq", lam=sw["lam"], anchor=sw["anchor"], target=sw["target"],
-                                    alpha=sw["alpha"] if sw["alpha"] is not None else float(ccfg.alpha),
-                                    task_weights=sw["task_weights"])
-        rounding = sw["rounding"]
-    config = calib.CalibConfig(objective=objective, rounding=rounding, spec=quant_spec(cfg, bits),
-                               damp=float(cfg.quant.damp), batch_size=int(ccfg.batch_size))
-    return config, v.merge == "regmean" or objective.kind != "gptq"
 
 
 def calibrate_variant(job: HFJob, v: Variant, start: Params) -> tuple[Params, list[dict]]:
