@@ -36,6 +36,7 @@ EXAMPLES = {
 """,
     "eval": """examples:
   epmq eval --checkpoint runs/offline_8task/checkpoints/ta_epmq_w4
+  epmq eval --checkpoint runs/clip_vit_b32_ta8/checkpoints/ta_epmq_w4    # a Hugging Face run's checkpoint
 """,
     "report": """examples:
   epmq report --workdir runs/offline_8task
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge the experts with one method and evaluate the FP merge",
                        description="Merges the cached experts (training them first if needed) with one method, "
                        "chooses the merge coefficient on validation unless --scaling is given, evaluates on "
-                       "test and saves the merged parameters. " + OVERRIDES_HELP,
+                       "test and saves the merged parameters. Offline config only (paper configs: 'epmq run'). "
+                       + OVERRIDES_HELP,
                        epilog=EXAMPLES["merge"], formatter_class=fmt)
     _add_config_args(p)
     p.add_argument("--method", required=True, choices=("ta", "ties"), help="merge method")
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize one merge with one method, evaluate it and save it packed",
                        description="Merges (as 'epmq merge'), quantizes with one method and bit width, "
                        "evaluates on test and saves the packed checkpoint, which 'epmq eval --checkpoint' "
-                       "reloads. " + OVERRIDES_HELP,
+                       "reloads. Offline config only (paper configs: 'epmq run'). " + OVERRIDES_HELP,
                        epilog=EXAMPLES["quantize"], formatter_class=fmt)
     _add_config_args(p)
     p.add_argument("--merge", default="ta", choices=("ta", "ties"), help="merge method (default ta)")
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="checkpoint directory (default WORKDIR/checkpoints/MERGE_METHOD_wBITS)")
 
     p = sub.add_parser("eval", help="reload a packed checkpoint and evaluate it on every task",
-                       description="Reloads a checkpoint written by 'epmq run' or 'epmq quantize', evaluates it "
-                       "on every task's test split and compares with the row recorded when it was saved.",
+                       description="Reloads a checkpoint written by 'epmq run' or 'epmq quantize' (offline or "
+                       "Hugging Face run), evaluates it on every task's evaluation split and compares with the "
+                       "row recorded when it was saved.",
                        epilog=EXAMPLES["eval"], formatter_class=fmt)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
 
@@ -138,6 +141,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     else:
         cfg = load_with_overrides(args.config, overrides)
         workdir = _workdir(args)
+        if args.command in ("merge", "quantize") and "suite" not in cfg:
+            family = cfg.get("model", {}).get("family")
+            kind = f"a paper config (model.family {family!r})" if family else "not an offline config (no 'suite' section)"
+            raise UsageError(f"{PROG} {args.command}: error: {args.command} supports the offline config only "
+                             f"(configs/offline_8task.py); {args.config} is {kind}: run it with 'epmq run'")
 
     from epmq_jax import pipeline, report
 

@@ -221,10 +221,19 @@ def enable_compilation_cache(cache: Path) -> None:
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = say) -> Job:
     """Builds the suite (through tfds, under the cache), trains or loads the models, samples the
-    calibration images."""
+    calibration images.
+
+    Raises:
+      ValueError: ``cfg`` has no ``suite`` section (a paper config: :func:`run` hands those to
+        :mod:`epmq_jax.pipeline_hf`).
+    """
     from epmq_jax import train
     from epmq_jax.data import offline_suite
 
+    if "suite" not in cfg:
+        family = cfg.get("model", {}).get("family")
+        raise ValueError(f"the offline job needs a config with a 'suite' section (configs/offline_8task.py); "
+                         f"this one has none (model.family {family!r}): only run() takes paper configs")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -558,13 +567,22 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Any, Params, dict
 def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
     """Reloads a checkpoint, scores it on every task's test split and compares with its recorded row.
 
+    A Hugging Face run's checkpoint (format :data:`epmq_jax.pipeline_hf.CHECKPOINT_FORMAT`) goes
+    to :func:`epmq_jax.pipeline_hf.eval_checkpoint`.
+
     Returns:
       ``{"row": new row, "recorded": saved row, "matches_recorded": bool}`` (exact equality of
       every per-task accuracy).
+
+    Raises:
+      ValueError: ``path`` is not a checkpoint of either format.
     """
-    from epmq_jax import train
+    from epmq_jax import pipeline_hf, train
     from epmq_jax.data import offline_suite
 
+    meta_path = Path(path) / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("format") == pipeline_hf.CHECKPOINT_FORMAT:
+        return pipeline_hf.eval_checkpoint(path, log=log)
     meta, graphdef, encoder, heads = load_checkpoint(path)
     cfg = ml_collections.ConfigDict(meta["config"])
     trained = train.TrainedModels(graphdef, {}, {}, heads, float(meta["logit_scale"]), {})

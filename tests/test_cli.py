@@ -178,3 +178,28 @@ def test_report_subcommand_rewrites_the_report(tmp_path, capsys):
     assert not (tmp_path / "per_task.png").exists()
     assert run_main(capsys, "report", "--results", str(tmp_path / "results.json"), "--plots")[0] == 0
     assert (tmp_path / "per_task.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv", [["merge", "--method", "ta"], ["quantize", "--bits", "4"]])
+@pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "flan_t5_base_glue"])
+def test_merge_and_quantize_refuse_paper_configs_in_one_line(capsys, tmp_path, argv, config):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{config}.py"
+    rc, out, err = run_main(capsys, *argv, "--config", str(path), "--workdir", str(tmp_path))
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"epmq {argv[0]}: error: {argv[0]} supports the offline config only")
+    assert "model.family" in err and "'epmq run'" in err
+    assert list(tmp_path.iterdir()) == []  # nothing was started
+
+
+def test_offline_steps_refuse_a_config_without_suite(tmp_path):
+    from pathlib import Path
+
+    from epmq_jax import pipeline
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "clip_vit_b32_ta8.py")
+    with pytest.raises(ValueError, match="'suite' section.*model.family 'clip_vision'"):
+        pipeline.merge_command(cfg, tmp_path / "w", "ta")
+    assert not (tmp_path / "w").exists()

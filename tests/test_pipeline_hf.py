@@ -147,7 +147,7 @@ def _torch_accuracy(base, vision, tokenizer_dir, task, data, split="test"):
     return 100.0 * np.mean(pred == split["label"])
 
 
-def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, tmp_path):
+def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, tmp_path, capsys):
     from epmq_jax import pipeline_hf
 
     root, base, experts, data = clip_setup
@@ -184,6 +184,13 @@ def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, 
     assert not is_quantized(params["embeddings"]["patch_embedding"]["kernel"])
     result = pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_epmq_w4"], log=lambda _: None)
     assert result["matches_recorded"]
+    # `epmq eval --checkpoint` takes it too (pipeline.eval_checkpoint dispatches on the format)
+    from epmq_jax import cli
+
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", doc["checkpoints"]["ta_gptq_w4"]]) == 0
+    out, err = capsys.readouterr()
+    assert "reproduces the recorded row" in out and "GPTQ w4" in out and err == ""
 
 
 def test_merge_coefficient_chosen_on_validation(clip_setup, tmp_path):
