@@ -354,7 +354,6 @@ class HFJob:
       calib_inputs: per task, its calibration inputs (:func:`calibration_inputs`).
       timings: seconds per stage, accumulated. metrics: per variant name, per task, every
         metric of the evaluation (GLUE: accuracy / correlations, ``unparsed``, ``n``).
-      notes: notes for the report.
     """
 
     cfg: ml_collections.ConfigDict
@@ -365,7 +364,6 @@ class HFJob:
     timings: dict[str, float]
     log: Log = say
     metrics: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
 
     def add_time(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
@@ -449,19 +447,8 @@ def _score_note(job: HFJob) -> str:
                 "and switches are fixed by the config.")
     style = job.cfg.eval.get("metric_style", "fusion_bench")
     return (f"Scores (%) on each GLUE task's validation split (MNLI: validation_matched), "
-            f"metric style '{style}'; the merge coefficient is fixed by the config; E-PMQ's λ and "
-            "switches are fixed by the config.")
-
-
-def _clamped(job: HFJob, name: str, per_task: dict[str, float]) -> dict[str, float]:
-    """Rows hold percentages in [0, 100]; a negative correlation (GLUE) is recorded as 0 with a note."""
-    out = {}
-    for task, score in per_task.items():
-        if score < 0.0:
-            job.notes.append(f"{name}: {task} score {score:.2f} < 0 (a negative correlation) "
-                             "is shown as 0; see metrics.json")
-        out[task] = max(score, 0.0)
-    return out
+            f"metric style '{style}' (a correlation, STS-B's Spearman or CoLA's MCC, can be negative); "
+            "the merge coefficient is fixed by the config; E-PMQ's λ and switches are fixed by the config.")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = True, log: Log = say) -> dict[str, Any]:
@@ -496,7 +483,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
         if v.method != "fp" or v.merge == "regmean":
             (stats_dir / f"{v.name}.json").write_text(json.dumps(stats, indent=1))
         split = cfg.data.get("eval_split", "test")
-        row = row_of(v, _clamped(job, v.name, evaluate(job, params, split, name=v.name)), scaling)
+        row = row_of(v, evaluate(job, params, split, name=v.name), scaling)
         rows.append(row)
         job.log(f"[epmq] {v.name:<32} avg {row['avg']:.1f}")
         if (v.block == "main" and v.method in cfg.quant.checkpoint_methods
@@ -506,7 +493,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
             checkpoints[v.name] = str(path)
     job.timings["total"] = time.perf_counter() - t_start
     (job.workdir / "metrics.json").write_text(json.dumps(job.metrics, indent=1))
-    notes = [_score_note(job), *job.notes]
+    notes = [_score_note(job)]
     config = json.loads(cfg.to_json_best_effort())
     report.write_json(job.workdir / "results.json", rows, config=config, timings=dict(job.timings),
                       extra={"notes": notes, "checkpoints": checkpoints, "solver_stats": str(stats_dir),
@@ -585,7 +572,7 @@ def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
     cfg = ml_collections.ConfigDict(meta["config"])
     job = HFJob(cfg, Path(path), list(meta["tasks"]), models, [], {}, log)
     rec = meta["row"]
-    per_task = _clamped(job, Path(path).name, evaluate(job, params, cfg.data.get("eval_split", "test")))
+    per_task = evaluate(job, params, cfg.data.get("eval_split", "test"))
     row = report.make_row(rec["merge"], rec["method"], per_task, bits=rec["bits"], block=rec["block"],
                           default=rec["default"], merge_scaling=rec["merge_scaling"],
                           **{k: rec[k] for k in report.SWITCH_KEYS})

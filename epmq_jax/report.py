@@ -8,7 +8,8 @@ A row is a plain dict (JSON-ready) with these keys (:data:`ROW_KEYS`):
 - ``method``: ``"fp"``, ``"rtn"``, ``"gptq"``, ``"awq"``, ``"epmq"`` or ``"epmq_unrounded"``.
   RegMean is ``merge="regmean", method="fp"``.
 - ``bits``: int, or None for float rows.
-- ``avg``: mean of ``per_task`` (percent); ``per_task``: task name -> test accuracy (percent).
+- ``avg``: mean of ``per_task`` (percent); ``per_task``: task name -> test score (percent): an
+  accuracy in [0, 100], or a correlation in [-100, 100] (GLUE's STS-B Spearman, CoLA's MCC).
 - the E-PMQ switches ``lam``, ``anchor``, ``target``, ``alpha`` (the ``mix`` weight),
   ``task_weights``, ``rounding`` (None on rows that are not E-PMQ);
 - ``default``: True on the row that stands as *the* E-PMQ result of its (merge, bits);
@@ -53,13 +54,14 @@ def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: in
 
     Args:
       merge, method, bits, block, default, merge_scaling: as in the row schema.
-      per_task: task name -> accuracy in percent (0..100).
+      per_task: task name -> score in percent: an accuracy (0..100) or a correlation, which
+        may be negative (-100..100).
       **switches: E-PMQ switches (``lam``, ``anchor``, ``target``, ``alpha``, ``task_weights``,
         ``rounding``); missing ones are None.
 
     Raises:
       ValueError: unknown method/block/switch, bits given for a float method (or missing for
-        a quantized one), or an accuracy that is not a finite percentage.
+        a quantized one), or a score that is not finite or outside [-100, 100].
     """
     if method not in METHODS:
         raise ValueError(f"row method {method!r}: expected one of {METHODS}")
@@ -75,9 +77,9 @@ def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: in
     if not per_task:
         raise ValueError(f"row ({merge}, {method}, {bits}): per_task is empty")
     for task, acc in per_task.items():
-        if not (isinstance(acc, int | float) and math.isfinite(acc) and 0.0 <= acc <= 100.0):
+        if not (isinstance(acc, int | float) and math.isfinite(acc) and -100.0 <= acc <= 100.0):
             raise ValueError(f"row ({merge}, {method}, {bits}): per_task[{task!r}]={acc!r}, "
-                             "expected a finite percentage in [0, 100]")
+                             "expected a finite percentage in [-100, 100] (accuracy or correlation)")
     per = {str(k): float(v) for k, v in per_task.items()}
     row = {"merge": merge, "method": method, "bits": None if bits is None else int(bits),
            "block": block, "default": bool(default),
@@ -324,7 +326,7 @@ _CSV_TYPES = {"bits": int, "merge_scaling": float, "lam": float, "alpha": float,
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Writes results.csv: the fixed row columns, then one column per task (accuracy, percent).
+    """Writes results.csv: the fixed row columns, then one column per task (score, percent).
 
     Empty cells stand for None; :func:`read_csv` reads the rows back.
     """

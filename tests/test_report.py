@@ -47,7 +47,8 @@ def test_make_row_schema_and_average():
     (dict(merge="ta", method="gptq", per_task={"a": 1.0}), "expected an int for a quantized method"),
     (dict(merge="ta", method="fp", per_task={"a": 1.0}, bits=4), "expected None for a float method"),
     (dict(merge="ta", method="fp", per_task={"a": float("nan")}), "per_task['a']=nan"),
-    (dict(merge="ta", method="fp", per_task={"a": 0.9 * 200}), "in [0, 100]"),
+    (dict(merge="ta", method="fp", per_task={"a": 0.9 * 200}), "in [-100, 100]"),
+    (dict(merge="ta", method="fp", per_task={"a": -100.5}), "per_task['a']=-100.5"),
     (dict(merge="ta", method="magic", per_task={"a": 1.0}), "row method 'magic'"),
     (dict(merge="ta", method="fp", per_task={}), "per_task is empty"),
     (dict(merge="ta", method="fp", per_task={"a": 1.0}, lamda=1.0), "row switches ['lamda']"),
@@ -56,6 +57,17 @@ def test_make_row_rejects_bad_rows(kwargs, needle):
     with pytest.raises(ValueError) as e:
         make_row(**kwargs)
     assert needle in str(e.value)
+
+
+def test_negative_correlation_scores_are_kept(tmp_path):
+    # GLUE: STS-B Spearman and CoLA MCC (x100) can be negative; rows keep them as they are
+    per = {"cola": -12.5, "stsb": -100.0, "sst2": 91.0}
+    r = make_row("ta", "gptq", per, bits=4)
+    assert r["per_task"] == per and r["avg"] == pytest.approx((-12.5 - 100.0 + 91.0) / 3)
+    report.write_csv(tmp_path / "results.csv", [r])
+    assert report.read_csv(tmp_path / "results.csv") == [r]
+    line = [ln for ln in report.format_table([r]).splitlines() if ln.startswith("GPTQ w4")][0]
+    assert line.split()[2:] == ["-12.5", "-100.0", "91.0", "-7.2"]
 
 
 def test_csv_round_trip_equals_rows(tmp_path):
