@@ -118,13 +118,15 @@ def plot_per_task(rows: Sequence[Row], path: str | Path, *, bits: int | None = N
                 series.append((f"{METHOD_NAMES[m]} w{bits}", r, _COLORS[m]))
         x = np.arange(len(tasks) + 1)
         width = 0.85 / max(len(series), 1)
+        lowest = 0.0
         for i, (label, r, c) in enumerate(series):
             vals = [r["per_task"].get(t, np.nan) for t in tasks] + [r["avg"]]
+            lowest = min(lowest, float(np.nanmin(vals)))
             ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label, color=c,
                    alpha=0.55 if label == "FP experts" else 0.9)
         ax.set_xticks(x, [*tasks, "avg"], rotation=30, ha="right")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 105)
+        ax.set_ylim(lowest - 5 if lowest < 0 else 0, 105)   # GLUE correlations can be negative
         ax.set_title(f"{MERGE_NAMES.get(merge, merge)}: per-task accuracy")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
