@@ -539,6 +539,21 @@ def save_checkpoint(job: Job, params: Params, row: Mapping[str, Any], path: str 
     return path
 
 
+def read_checkpoint_meta(path: Path, expected_format: str | None = None) -> dict[str, Any]:
+    """Reads ``path/meta.json`` of a packed checkpoint (offline or Hugging Face run).
+
+    Raises:
+      ValueError: no ``meta.json``, or a format other than ``expected_format`` (if given).
+    """
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{path} is not an epmq checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if expected_format is not None and meta.get("format") != expected_format:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {expected_format!r}")
+    return meta
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Any, Params, dict[str, Any]]:
     """Reads a checkpoint of :func:`save_checkpoint`.
 
@@ -552,12 +567,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Any, Params, dict
     from epmq_jax import checkpoint, train
 
     path = Path(path)
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{path} is not an epmq checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    meta = read_checkpoint_meta(path, CHECKPOINT_FORMAT)
     graphdef, template = train.split_params(train.make_model(ml_collections.ConfigDict(meta["config"]).model))
     target = {"encoder": template, "heads": {t: {"kernel": 0} for t in meta["tasks"]}}
     tree = checkpoint.load(path / "tree", target=target)
@@ -580,8 +590,7 @@ def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
     from epmq_jax import pipeline_hf, train
     from epmq_jax.data import offline_suite
 
-    meta_path = Path(path) / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("format") == pipeline_hf.CHECKPOINT_FORMAT:
+    if read_checkpoint_meta(Path(path)).get("format") == pipeline_hf.CHECKPOINT_FORMAT:
         return pipeline_hf.eval_checkpoint(path, log=log)
     meta, graphdef, encoder, heads = load_checkpoint(path)
     cfg = ml_collections.ConfigDict(meta["config"])

@@ -55,6 +55,7 @@ from epmq_jax.pipeline import (
     dequantize_tree,
     merge_trees,
     plan,
+    read_checkpoint_meta,
     row_of,
     say,
     select_scaling,
@@ -543,12 +544,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Models, Params]:
     from epmq_jax import checkpoint
 
     path = Path(path)
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{path} is not an epmq checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    meta = read_checkpoint_meta(path, CHECKPOINT_FORMAT)
     cfg, tasks = ml_collections.ConfigDict(meta["config"]), list(meta["tasks"])
     if meta["family"] == "clip":
         models = load_clip(cfg, tasks, with_experts=False, heads={t: None for t in tasks})
