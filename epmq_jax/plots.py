@@ -23,12 +23,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from epmq_jax.report import MERGE_NAMES, METHOD_NAMES, default_row, tasks_of  # noqa: E402
+from epmq_jax.report import (  # noqa: E402
+    MERGE_NAMES,
+    METHOD_NAMES,
+    SHARED_MERGES,
+    default_row,
+    tasks_of,
+)
 
 Row = Mapping[str, Any]
 _QUANT_METHODS = ("rtn", "gptq", "awq", "epmq")
 _COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:orange", "epmq": "tab:red",
-           "fp": "black", "epmq_unrounded": "tab:purple", "expert": "tab:green", "regmean": "tab:brown"}
+           "fp": "black", "epmq_unrounded": "tab:purple", "expert": "tab:green", "multitask": "tab:olive"}
 
 
 def _find(rows: Sequence[Row], **match: Any) -> Row | None:
@@ -39,7 +45,7 @@ def _find(rows: Sequence[Row], **match: Any) -> Row | None:
 
 
 def _merges(rows: Sequence[Row]) -> list[str]:
-    return list(dict.fromkeys(r["merge"] for r in rows if r["merge"] not in ("expert", "regmean")))
+    return list(dict.fromkeys(r["merge"] for r in rows if r["merge"] not in SHARED_MERGES))
 
 
 def _panels(n: int, width: float = 5.5, height: float = 4.0, *, vertical: bool = False
@@ -94,7 +100,7 @@ def plot_lambda_sweep(rows: Sequence[Row], path: str | Path) -> Path | None:
 
 
 def plot_per_task(rows: Sequence[Row], path: str | Path, *, bits: int | None = None) -> Path | None:
-    """Grouped bars of per-task accuracy: FP experts, RegMean, FP merge, E-PMQ unrounded, and each
+    """Grouped bars of per-task accuracy: FP experts, multi-task model, FP merge, E-PMQ unrounded, and each
     quantizer at ``bits`` (default: the widest bit width in the rows), one panel per merge method."""
     tasks = tasks_of(rows)
     all_bits = sorted({r["bits"] for r in rows if r["bits"] is not None}, reverse=True)
@@ -106,7 +112,7 @@ def plot_per_task(rows: Sequence[Row], path: str | Path, *, bits: int | None = N
     for ax, merge in zip(axes, merges):
         series: list[tuple[str, Row, str]] = []
         for label, r, c in (("FP experts", _find(rows, merge="expert"), _COLORS["expert"]),
-                            ("RegMean (FP)", _find(rows, merge="regmean"), _COLORS["regmean"]),
+                            (MERGE_NAMES["multitask"], _find(rows, merge="multitask"), _COLORS["multitask"]),
                             ("FP merge", _find(rows, merge=merge, method="fp"), _COLORS["fp"]),
                             (METHOD_NAMES["epmq_unrounded"], _find(rows, merge=merge, method="epmq_unrounded"),
                              _COLORS["epmq_unrounded"])):

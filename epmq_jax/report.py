@@ -3,10 +3,12 @@
 A run produces a list of **rows**, one per table row (a model variant scored on every task).
 A row is a plain dict (JSON-ready) with these keys (:data:`ROW_KEYS`):
 
-- ``merge``: ``"expert"`` (the FP experts, each task scored by its own expert), ``"ta"``,
-  ``"ties"``, ``"regmean"``, ...
-- ``method``: ``"fp"``, ``"rtn"``, ``"gptq"``, ``"awq"``, ``"epmq"`` or ``"epmq_unrounded"``.
-  RegMean is ``merge="regmean", method="fp"``.
+- ``merge``: ``"expert"`` (the FP experts, each task scored by its own expert),
+  ``"multitask"`` (one model fine-tuned on all tasks), or a merge method: ``"ta"``, ``"ties"``,
+  ``"regmean"``, ... The first two (:data:`SHARED_MERGES`) are float reference rows that belong
+  to no merge method.
+- ``method``: ``"fp"`` (the float model), ``"epmq_unrounded"`` (E-PMQ's relaxation W* kept in
+  float), or a quantizer: ``"rtn"``, ``"gptq"``, ``"awq"``, ``"epmq"`` (see :data:`METHODS`).
 - ``bits``: int, or None for float rows.
 - ``avg``: mean of ``per_task`` (percent); ``per_task``: task name -> test score (percent): an
   accuracy in [0, 100], or a correlation in [-100, 100] (GLUE's STS-B Spearman, CoLA's MCC).
@@ -17,6 +19,8 @@ A row is a plain dict (JSON-ready) with these keys (:data:`ROW_KEYS`):
   ``"ablation"`` (target-input / anchor-form switches). The default E-PMQ row lives in
   ``"main"``; the sweep and ablation tables show it beside their own rows;
 - ``merge_scaling``: the merge coefficient used (chosen on validation), None where not applicable.
+- ``settings``: a JSON object of everything else that defines the row (RegMean's Gram source and
+  α, the damping's size and centre, ...); ``{}`` when there is nothing to add.
 
 :func:`make_row` builds a row and checks it. Writers: :func:`write_json`, :func:`write_csv`,
 :func:`write_markdown`; readers :func:`read_json`, :func:`read_csv`; :func:`format_table` renders
@@ -38,24 +42,29 @@ from typing import Any
 
 SWITCH_KEYS = ("lam", "anchor", "target", "alpha", "task_weights", "rounding")
 ROW_KEYS = ("merge", "method", "bits", "block", "default", "merge_scaling", *SWITCH_KEYS,
-            "avg", "per_task")
-METHODS = ("fp", "rtn", "gptq", "awq", "epmq", "epmq_unrounded")
+            "settings", "avg", "per_task")
+#: Row methods in display order; :data:`FLOAT_METHODS` have ``bits=None``.
+METHODS = ("fp", "epmq_unrounded", "rtn", "gptq", "awq", "epmq")
+FLOAT_METHODS = ("fp", "epmq_unrounded")
 BLOCKS = ("main", "sweep", "ablation")
-MERGE_NAMES = {"expert": "FP experts", "ta": "Task Arithmetic", "ties": "TIES-Merging",
-               "regmean": "RegMean", "average": "Averaging"}
+#: Float reference rows that belong to no merge method.
+SHARED_MERGES = ("expert", "multitask")
+MERGE_NAMES = {"expert": "FP experts", "multitask": "FP multi-task model", "ta": "Task Arithmetic",
+               "ties": "TIES-Merging", "regmean": "RegMean", "average": "Averaging"}
 METHOD_NAMES = {"fp": "FP merge", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "epmq": "E-PMQ",
                 "epmq_unrounded": "E-PMQ unrounded (FP)"}
 
 
 def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: int | None = None,
              block: str = "main", default: bool = False, merge_scaling: float | None = None,
-             **switches: Any) -> dict[str, Any]:
+             settings: Mapping[str, Any] | None = None, **switches: Any) -> dict[str, Any]:
     """Builds one result row (see the module docstring) and checks it.
 
     Args:
       merge, method, bits, block, default, merge_scaling: as in the row schema.
       per_task: task name -> score in percent: an accuracy (0..100) or a correlation, which
         may be negative (-100..100).
+      settings: the row's other settings (JSON-able), default ``{}``.
       **switches: E-PMQ switches (``lam``, ``anchor``, ``target``, ``alpha``, ``task_weights``,
         ``rounding``); missing ones are None.
 
@@ -70,7 +79,7 @@ def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: in
     unknown = set(switches) - set(SWITCH_KEYS)
     if unknown:
         raise ValueError(f"row switches {sorted(unknown)}: expected only {SWITCH_KEYS}")
-    float_method = method in ("fp", "epmq_unrounded")
+    float_method = method in FLOAT_METHODS
     if float_method != (bits is None):
         raise ValueError(f"row ({merge}, {method}): bits={bits!r}, expected "
                          + ("None for a float method" if float_method else "an int for a quantized method"))
@@ -85,18 +94,17 @@ def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: in
            "block": block, "default": bool(default),
            "merge_scaling": None if merge_scaling is None else float(merge_scaling)}
     row.update({k: switches.get(k) for k in SWITCH_KEYS})
+    row["settings"] = _jsonable(dict(settings or {}))
     row["avg"] = sum(per.values()) / len(per)
     row["per_task"] = per
     return row
 
 
 def row_label(row: Mapping[str, Any], *, with_merge: bool = False) -> str:
-    """A short human label: ``"GPTQ w4"``, ``"E-PMQ w4 λ=0.1"``, ``"FP experts"``, ``"RegMean (FP)"``."""
+    """A short human label: ``"GPTQ w4"``, ``"E-PMQ w4 λ=0.1"``, ``"FP experts"``, ``"FP merge"``."""
     merge, method, bits = row["merge"], row["method"], row["bits"]
-    if merge == "expert":
-        return "FP experts"
-    if merge == "regmean":
-        return "RegMean (FP)"
+    if merge in SHARED_MERGES:
+        return MERGE_NAMES[merge]
     label = METHOD_NAMES.get(method, method)
     if bits is not None:
         label += f" w{bits}"
@@ -144,23 +152,24 @@ def table_blocks(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list
     """Groups rows into the table's blocks, in display order.
 
     Returns:
-      ``[(kind, title, rows), ...]`` with kind ``"main"``, ``"sweep"`` or ``"ablation"``: the shared float rows (experts, RegMean); one block per merge
+      ``[(kind, title, rows), ...]`` with kind ``"main"``, ``"sweep"`` or ``"ablation"``: the
+      shared float rows (:data:`SHARED_MERGES`: experts, multi-task model); one block per merge
       method (FP merge, E-PMQ unrounded, then RTN/GPTQ/AWQ/E-PMQ at each bit width, widest
       first); then per (merge, bits) the λ sweep (with the default row, by λ) and the switch
       ablations (default row first).
     """
     main = [r for r in rows if r["block"] == "main"]
-    shared = [r for r in main if r["merge"] in ("expert", "regmean")]
+    shared = [r for r in main if r["merge"] in SHARED_MERGES]
     out: list[tuple[str, str, list[Mapping[str, Any]]]] = []
     if shared:
         out.append(("main", "Full precision, no merge method", shared))
-    merges = list(dict.fromkeys(r["merge"] for r in rows if r["merge"] not in ("expert", "regmean")))
+    merges = list(dict.fromkeys(r["merge"] for r in rows if r["merge"] not in SHARED_MERGES))
     order = {m: i for i, m in enumerate(METHODS)}
     for merge in merges:
         mrows = [r for r in main if r["merge"] == merge]
-        floats = sorted((r for r in mrows if r["bits"] is None), key=lambda r: order[r["method"]])
+        floats = sorted((r for r in mrows if r["bits"] is None), key=lambda r: order.get(r["method"], 99))
         quant = sorted((r for r in mrows if r["bits"] is not None),
-                       key=lambda r: (-r["bits"], order[r["method"]]))
+                       key=lambda r: (-r["bits"], order.get(r["method"], 99)))
         scaling = next((r["merge_scaling"] for r in mrows if r["merge_scaling"] is not None), None)
         title = MERGE_NAMES.get(merge, merge) + (f" (merge coefficient {scaling:g})" if scaling is not None else "")
         if floats or quant:
@@ -321,21 +330,23 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-_CSV_FIXED = ("merge", "method", "bits", "block", "default", "merge_scaling", *SWITCH_KEYS, "avg")
+_CSV_FIXED = ("merge", "method", "bits", "block", "default", "merge_scaling", *SWITCH_KEYS, "settings",
+              "avg")
 _CSV_TYPES = {"bits": int, "merge_scaling": float, "lam": float, "alpha": float, "avg": float}
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Writes results.csv: the fixed row columns, then one column per task (score, percent).
 
-    Empty cells stand for None; :func:`read_csv` reads the rows back.
+    Empty cells stand for None; ``settings`` is a JSON object; :func:`read_csv` reads the rows back.
     """
     tasks = tasks_of(rows)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*_CSV_FIXED, *tasks])
         for r in rows:
-            fixed = ["" if r.get(k) is None else repr(r[k]) if isinstance(r[k], float) else r[k]
+            fixed = ["" if r.get(k) is None else repr(r[k]) if isinstance(r[k], float)
+                     else json.dumps(r[k], sort_keys=True) if k == "settings" else r[k]
                      for k in _CSV_FIXED]
             w.writerow([*fixed, *(repr(r["per_task"][t]) if t in r["per_task"] else "" for t in tasks)])
     return Path(path)
@@ -355,9 +366,12 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
                     row[k] = None
                 elif k == "default":
                     row[k] = v == "True"
+                elif k == "settings":
+                    row[k] = json.loads(v)
                 else:
                     row[k] = _CSV_TYPES.get(k, str)(v)
             row["per_task"] = {t: float(v) for t, v in zip(tasks, cells[len(_CSV_FIXED):]) if v != ""}
+            row["settings"] = row.get("settings") or {}
             rows.append({k: row[k] for k in ROW_KEYS})
     return rows
 
