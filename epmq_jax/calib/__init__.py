@@ -13,6 +13,7 @@ from epmq_jax.calib.adapters_t5 import T5Adapter, t5_adapter
 from epmq_jax.calib.driver import CalibConfig, CalibResult, calibrate
 from epmq_jax.calib.layer import epmq_layer
 from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
+from epmq_jax.calib.regmean import regmean_merge
 from epmq_jax.calib.solve import round_weight, solve, solve_layer
 from epmq_jax.calib.stats import Moments, accumulate, fold_task, moments, task_weight
 
@@ -36,6 +37,7 @@ __all__ = [
     "layer_system",
     "moments",
     "objective_value",
+    "regmean_merge",
     "round_weight",
     "solve",
     "solve_layer",
