@@ -12,6 +12,8 @@ Command::
 
     epmq run --config configs/clip_vit_b32_ta8.py --config.data.data_dir=$TFDS_DATA_DIR
 
+A smoke run in minutes: add ``--config.eval.limit=64 --config.calib.n_per_task=8``.
+
 It needs the 9 checkpoints (hub or HF cache) and the 8 data sets under ``data.data_dir``:
 ``tfds build <name> --file_format=array_record``, or
 ``epmq_jax.data.registry.prepare_from_hf(task, data_dir)`` (FusionBench's Hugging Face copies;
@@ -43,12 +45,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     cfg = ml_collections.ConfigDict()
 
-    cfg.model = ml_collections.ConfigDict()
-    cfg.model.family = "clip_vision"  # vision tower merged/quantized; text tower builds heads
-    cfg.model.base = "openai/clip-vit-base-patch32"
-    cfg.model.experts = ml_collections.ConfigDict(
+    # the vision tower is merged and quantized; the base text tower builds the zero-shot heads
+    cfg.model_pool = ml_collections.ConfigDict()
+    cfg.model_pool.kind = "hf_clip"
+    cfg.model_pool.base = "openai/clip-vit-base-patch32"
+    cfg.model_pool.experts = ml_collections.ConfigDict(
         {t: fusion_bench_repo("clip-vit-base-patch32", t) for t in TASKS_8})
-    cfg.model.heads = "zeroshot"  # per-task head: normalized text embeddings over templates
+    cfg.model_pool.tokenizer = ""  # "" = the base checkpoint's
+    cfg.model_pool.revision = ""  # a hub revision (branch, tag or commit) for every checkpoint
+    cfg.model_pool.dtype = ""  # "" = float32 params; "bfloat16" halves their memory
+
+    cfg.task_pool = ml_collections.ConfigDict()
+    cfg.task_pool.kind = "clip_zeroshot"  # per task: normalized text embeddings over templates
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.tasks = TASKS_8
@@ -58,16 +66,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.data.image_size = 224
 
     cfg.merge = ml_collections.ConfigDict()
-    cfg.merge.methods = ("ta",)
+    cfg.merge.methods = ("ta", "regmean")
     cfg.merge.scaling = 0.3  # fixed lambda (the literature's); None = choose from `scalings`
     cfg.merge.scalings = (0.3,)
     cfg.merge.ties_density = 0.2
     cfg.merge.ties_trim = "global"
+    cfg.merge.regmean_alpha = 0.6  # FusionBench's CLIP setting; None = choose from regmean_alphas
+    cfg.merge.regmean_alphas = (0.6,)
     cfg.merge.filter = ""  # regex of merged leaves; "" = all vision-tower leaves
 
     cfg.quant = ml_collections.ConfigDict()
     cfg.quant.bits = (4,)
     cfg.quant.methods = ("rtn", "gptq", "awq", "epmq")
+    cfg.quant.methods_by_merge = ml_collections.ConfigDict({"regmean": ("gptq", "epmq")})
     cfg.quant.group_size = 128
     cfg.quant.symmetric = False
     cfg.quant.damp = 0.01
@@ -85,7 +96,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.calib.alpha = 0.25
     cfg.calib.task_weights = "frobenius"
     cfg.calib.rounding = "gptq"
-    cfg.calib.regmean = True
     cfg.calib.lam_sweep = (0.0, 0.1, 1.0, 10.0)
     cfg.calib.ablations = ("target=merged", "target=mix", "anchor=weight", "rounding=rtn")
     cfg.calib.sweep_merge = "ta"
@@ -94,4 +104,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.batch_size = 256
     cfg.eval.progress = True
+    cfg.eval.limit = ml_collections.config_dict.placeholder(int)  # N: score only N examples per task
+
+    cfg.run = ml_collections.ConfigDict()
+    cfg.run.mesh = "auto"  # every visible device; "" = one device
+    cfg.run.resume = True  # a rerun continues where an interrupted one stopped
     return cfg

@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     cfg = load_config(Path(__file__).with_name("clip_vit_b32_ta8.py"))
     cfg.name = "clip_vit_b32_ties8"
-    cfg.merge.methods = ("ties",)
+    cfg.merge.methods = ("ties", "regmean")
     cfg.merge.scaling = 0.3
     cfg.merge.ties_density = 0.2
     cfg.merge.ties_trim = "global"

@@ -41,8 +41,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     b32 = _b32_ta8()
     cfg = b32.get_config()
     cfg.name = "clip_vit_l14_ta20"
-    cfg.model.base = "openai/clip-vit-large-patch14"
-    cfg.model.experts = ml_collections.ConfigDict(
+    cfg.model_pool.base = "openai/clip-vit-large-patch14"
+    cfg.model_pool.experts = ml_collections.ConfigDict(
         {t: b32.fusion_bench_repo("clip-vit-large-patch14", t) for t in TASKS_20})
     cfg.data.tasks = TASKS_20
     cfg.calib.n_per_task = 64

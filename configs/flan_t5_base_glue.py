@@ -18,6 +18,8 @@ Command::
 
     epmq run --config configs/flan_t5_base_glue.py --config.data.data_dir=$TFDS_DATA_DIR
 
+A smoke run in minutes: add ``--config.eval.limit=32 --config.calib.n_per_task=8``.
+
 It needs the 9 checkpoints (hub or HF cache), the tokenizer, and the GLUE tasks under
 ``data.data_dir`` as ``glue/<task>``: ``tfds build glue/<task> --file_format=array_record``, or
 ``epmq_jax.data.glue.prepare_from_hf(task, data_dir)`` (no TensorFlow needed).
@@ -40,13 +42,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     cfg = ml_collections.ConfigDict()
 
-    cfg.model = ml_collections.ConfigDict()
-    cfg.model.family = "t5"
-    cfg.model.base = "google/flan-t5-base"
-    cfg.model.experts = ml_collections.ConfigDict(
+    cfg.model_pool = ml_collections.ConfigDict()
+    cfg.model_pool.kind = "hf_t5"
+    cfg.model_pool.base = "google/flan-t5-base"
+    cfg.model_pool.experts = ml_collections.ConfigDict(
         {t: f"tanganke/flan-t5-base_glue-{t}" for t in GLUE_TASK_NAMES})
-    cfg.model.tokenizer = "google/flan-t5-base"  # all FLAN-T5 sizes share it
-    cfg.model.heads = "lm"  # one shared LM head; the answer is generated text
+    cfg.model_pool.tokenizer = "google/flan-t5-base"  # all FLAN-T5 sizes share it
+    cfg.model_pool.revision = ""  # a hub revision for every checkpoint ("" = main)
+    cfg.model_pool.dtype = ""  # "" = float32 params
+
+    cfg.task_pool = ml_collections.ConfigDict()
+    cfg.task_pool.kind = "glue"  # one shared LM head; the answer is generated text
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.tasks = GLUE_TASK_NAMES
@@ -62,6 +68,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.merge.scalings = (0.3,)
     cfg.merge.ties_density = 0.2
     cfg.merge.ties_trim = "global"
+    cfg.merge.regmean_alpha = 0.6  # used when "regmean" is added to merge.methods (no selection on GLUE)
+    cfg.merge.regmean_alphas = (0.6,)
     cfg.merge.filter = ""  # "" = every leaf
 
     cfg.quant = ml_collections.ConfigDict()
@@ -85,7 +93,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.calib.alpha = 0.25
     cfg.calib.task_weights = "frobenius"
     cfg.calib.rounding = "gptq"
-    cfg.calib.regmean = True
     cfg.calib.lam_sweep = (0.0, 0.1, 1.0, 10.0)
     cfg.calib.ablations = ("target=merged", "rounding=rtn")
     cfg.calib.sweep_merge = "ta"
@@ -96,4 +103,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.eval.progress = True
     cfg.eval.max_new_tokens = 9
     cfg.eval.metric_style = "fusion_bench"
+    cfg.eval.limit = ml_collections.config_dict.placeholder(int)  # N: score only N examples per task
+
+    cfg.run = ml_collections.ConfigDict()
+    cfg.run.mesh = "auto"  # every visible device; "" = one device
+    cfg.run.resume = True  # a rerun continues where an interrupted one stopped
     return cfg

@@ -89,16 +89,24 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
         finetune=dict(lr=2e-3, epochs=4, warmup_steps=20, weight_decay=0.0),
     ))
 
-    # ---- merge / quant / calib / eval (epmq_jax.pipeline)
+    # ---- pools (epmq_jax.pipeline.kinds): the models and tasks above
+    c.model_pool = ml_collections.ConfigDict(dict(kind="offline_suite"))
+    c.task_pool = ml_collections.ConfigDict(dict(kind="offline_suite"))
+
+    # ---- merge / quant / calib / eval / run (epmq_jax.pipeline)
     c.merge = ml_collections.ConfigDict(dict(
-        methods=("ta", "ties"),
+        methods=("ta", "ties", "regmean"),
         scalings=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0),  # candidates, chosen on validation
         scaling=ml_collections.config_dict.placeholder(float),  # set to skip the selection
         ties_density=0.2, ties_trim="global",
+        # RegMean (expert-own Gram matrices): off-diagonal scale alpha chosen on validation
+        regmean_alphas=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
+        regmean_alpha=ml_collections.config_dict.placeholder(float),  # set to skip the selection
         filter="",  # regex on leaf paths of the merged leaves ("" = every float leaf of the encoder)
     ))
     c.quant = ml_collections.ConfigDict(dict(
         bits=(4, 3), methods=("rtn", "gptq", "awq", "epmq"),
+        methods_by_merge={"regmean": ("gptq", "epmq")},  # fewer rows on the RegMean merge
         group_size=64, symmetric=False, damp=0.01,
         # packed checkpoints written for each merge: the default rows of these methods at these bits
         checkpoint_bits=4, checkpoint_methods=("gptq", "epmq"),
@@ -108,12 +116,13 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
         # E-PMQ switches (METHOD.md §4); the default row uses these
         lam=0.1, anchor="output", target="expert", alpha=0.25, task_weights="frobenius",
         rounding="gptq",
-        regmean=True,  # the RegMean (FP) row
         # the anchor-strength sweep and the switch ablations, for one merge at one bit width
         lam_sweep=(0.0, 0.01, 0.1, 1.0, 10.0), sweep_merge="ta", sweep_bits=4,
         ablations=("target=merged", "target=mix", "anchor=weight", "rounding=rtn"),
     ))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=500, progress=True))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=500, progress=True,
+                                            limit=ml_collections.config_dict.placeholder(int)))
+    c.run = ml_collections.ConfigDict(dict(mesh="", resume=False))
     _resize(c, size)
     return c
 
@@ -134,7 +143,7 @@ def _resize(c: ml_collections.ConfigDict, size: str) -> None:
         c.train.pretrain.update(dict(epochs=0, steps=30))
         c.train.head.update(dict(steps=40))
         c.train.finetune.update(dict(epochs=0, steps=15))
-        c.merge.update(dict(methods=("ta",), scalings=(0.3, 0.6)))
+        c.merge.update(dict(methods=("ta", "regmean"), scalings=(0.3, 0.6), regmean_alphas=(0.5, 1.0)))
         c.quant.update(dict(bits=(4,), group_size=32))
         c.calib.update(dict(n_per_task=32, lam_sweep=(0.0, 0.1, 1.0),
                             ablations=("anchor=weight",)))

@@ -82,22 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
     p = sub.add_parser("merge", help="merge the experts with one method and evaluate the FP merge",
-                       description="Merges the cached experts (training them first if needed) with one method, "
-                       "chooses the merge coefficient on validation unless --scaling is given, evaluates on "
-                       "test and saves the merged parameters. Offline config only (paper configs: 'epmq run'). "
-                       + OVERRIDES_HELP,
+                       description="Merges the config's experts (training them first if the pool trains) with "
+                       "one method, chooses the merge coefficient (or RegMean's alpha) on validation unless "
+                       "the config or --scaling fixes it, evaluates on the reported split and saves the merged "
+                       "parameters. " + OVERRIDES_HELP,
                        epilog=EXAMPLES["merge"], formatter_class=fmt)
     _add_config_args(p)
-    p.add_argument("--method", required=True, choices=("ta", "ties"), help="merge method")
+    p.add_argument("--method", required=True, choices=("ta", "ties", "regmean"), help="merge method")
     p.add_argument("--scaling", type=float, help="merge coefficient (default: chosen on validation)")
 
     p = sub.add_parser("quantize", help="quantize one merge with one method, evaluate it and save it packed",
                        description="Merges (as 'epmq merge'), quantizes with one method and bit width, "
-                       "evaluates on test and saves the packed checkpoint, which 'epmq eval --checkpoint' "
-                       "reloads. Offline config only (paper configs: 'epmq run'). " + OVERRIDES_HELP,
+                       "evaluates on the reported split and saves the packed checkpoint, which 'epmq eval "
+                       "--checkpoint' reloads. " + OVERRIDES_HELP,
                        epilog=EXAMPLES["quantize"], formatter_class=fmt)
     _add_config_args(p)
-    p.add_argument("--merge", default="ta", choices=("ta", "ties"), help="merge method (default ta)")
+    p.add_argument("--merge", default="ta", choices=("ta", "ties", "regmean"), help="merge method (default ta)")
     p.add_argument("--method", default="epmq", choices=("rtn", "gptq", "awq", "epmq"),
                    help="quantizer (default epmq, with the config's calib switches)")
     p.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}", help="weight bits (default 4)")
@@ -141,11 +141,9 @@ def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     else:
         cfg = load_with_overrides(args.config, overrides)
         workdir = _workdir(args)
-        if args.command in ("merge", "quantize") and "suite" not in cfg:
-            family = cfg.get("model", {}).get("family")
-            kind = f"a paper config (model.family {family!r})" if family else "not an offline config (no 'suite' section)"
-            raise UsageError(f"{PROG} {args.command}: error: {args.command} supports the offline config only "
-                             f"(configs/offline_8task.py); {args.config} is {kind}: run it with 'epmq run'")
+        from epmq_jax.pipeline.validate import check_config
+
+        check_config(cfg)   # the whole config, before jax starts or anything is built
 
     from epmq_jax import pipeline, report
 

@@ -16,6 +16,10 @@ Overrides follow ml_collections' ``config_flags``: ``--config.quant.bits=3`` (or
 
 An unknown key or a value of the wrong type raises :class:`ConfigError` with a one-line
 message (naming close matches for an unknown key).
+
+Every loaded config gets the run-wide keys every pipeline understands (:func:`add_defaults`), so
+``--config.eval.limit=N``, ``--config.calib.n_per_task=N``, ``--config.run.mesh=auto`` and
+``--config.run.resume=true`` work for every config file without each one spelling them out.
 """
 
 from __future__ import annotations
@@ -72,6 +76,42 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
             f"get_config() in {path_s} returned {type(cfg).__name__}, expected ml_collections.ConfigDict")
     if "name" not in cfg:
         cfg.name = path.stem
+    return add_defaults(cfg)
+
+
+def _defaults() -> dict[str, dict[str, Any]]:
+    from ml_collections.config_dict import placeholder
+
+    return {
+        "run": {
+            # "" (one device), "auto" (every device on one axis "data") or "NAME:SIZE"
+            # (e.g. "data:4"): calibration batches and solves are sharded over that axis
+            "mesh": "",
+            # save calibration progress after every block under WORKDIR/resume and skip the rows
+            # a previous run of the same config finished
+            "resume": False,
+        },
+        "eval": {"batch_size": 256, "progress": True, "limit": placeholder(int)},
+        "calib": {"n_per_task": 128, "seed": 0, "batch_size": 32},
+    }
+
+
+def add_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the run-wide keys (``run.mesh``, ``run.resume``, ``eval.limit``, ``eval.batch_size``,
+    ``eval.progress``, ``calib.n_per_task``, ``calib.seed``, ``calib.batch_size``) where the config
+    does not set them; returns ``cfg`` (changed in place)."""
+    with cfg.unlocked():
+        for section, values in _defaults().items():
+            if section not in cfg:
+                cfg[section] = ml_collections.ConfigDict()
+            node = cfg[section]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"config key {section!r} must be a section (ConfigDict), got "
+                                  f"{type(node).__name__}")
+            with node.unlocked():
+                for key, value in values.items():
+                    if key not in node:
+                        node[key] = value
     return cfg
 
 

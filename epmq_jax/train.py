@@ -207,18 +207,25 @@ def pretrain(graphdef: nnx.GraphDef, params: Params, images: np.ndarray, labels:
 
 
 def encode(graphdef: nnx.GraphDef, params: Params, images: np.ndarray, *,
-           batch_size: int = 500) -> np.ndarray:
+           batch_size: int = 500, sharding: Any = None) -> np.ndarray:
     """Projected embeddings ``(N, projection_dim)`` of uint8 images ``(N, H, W, C)``.
 
     Runs in batches of ``batch_size``; the last one is zero-padded so one compile serves all.
+    With ``sharding`` (a ``NamedSharding`` over the batch axis) each batch is split across its
+    devices (``batch_size`` is rounded up to a multiple of the number of devices).
     """
     fn = _encode_fn(graphdef)
+    if sharding is not None:
+        k = len(sharding.device_set)
+        batch_size = -(-batch_size // k) * k
     out = []
     for i in range(0, len(images), batch_size):
         xb = images[i: i + batch_size]
         pad = batch_size - len(xb)
         if pad:
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+        if sharding is not None:
+            xb = jax.device_put(xb, sharding)
         out.append(np.asarray(fn(params, xb))[: batch_size - pad])
     return np.concatenate(out, axis=0)
 
@@ -271,14 +278,15 @@ def finetune(graphdef: nnx.GraphDef, params: Params, head: Head, images: np.ndar
 
 
 def predict(graphdef: nnx.GraphDef, params: Params, head: Head, images: np.ndarray, *,
-            logit_scale: float, batch_size: int = 500) -> np.ndarray:
-    """Predicted classes int ``(N,)`` for uint8 images ``(N, H, W, C)``."""
-    feats = encode(graphdef, params, images, batch_size=batch_size)
+            logit_scale: float, batch_size: int = 500, sharding: Any = None) -> np.ndarray:
+    """Predicted classes int ``(N,)`` for uint8 images ``(N, H, W, C)`` (``sharding``: see :func:`encode`)."""
+    feats = encode(graphdef, params, images, batch_size=batch_size, sharding=sharding)
     return np.asarray(jnp.argmax(head_logits(jnp.asarray(feats), head, logit_scale), axis=-1))
 
 
 def evaluate(graphdef: nnx.GraphDef, params: Params, head: Head, images: np.ndarray,
-             labels: np.ndarray, *, logit_scale: float, batch_size: int = 500) -> float:
+             labels: np.ndarray, *, logit_scale: float, batch_size: int = 500,
+             sharding: Any = None) -> float:
     """Top-1 accuracy in percent of encoder ``params`` with ``head`` on one task's images.
 
     Args:
@@ -286,10 +294,12 @@ def evaluate(graphdef: nnx.GraphDef, params: Params, head: Head, images: np.ndar
         params: encoder params (pretrained, an expert, a merge, a dequantized model, ...).
         head: the task's head.
         images: uint8 ``(N, 28, 28, 1)``; labels: int ``(N,)``.
+        sharding: optional batch sharding (see :func:`encode`).
     """
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"evaluate: {len(images)} images and {len(labels)} labels")
-    pred = predict(graphdef, params, head, images, logit_scale=logit_scale, batch_size=batch_size)
+    pred = predict(graphdef, params, head, images, logit_scale=logit_scale, batch_size=batch_size,
+                   sharding=sharding)
     return float(100.0 * np.mean(pred == np.asarray(labels)))
 
 

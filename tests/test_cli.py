@@ -180,26 +180,44 @@ def test_report_subcommand_rewrites_the_report(tmp_path, capsys):
     assert (tmp_path / "per_task.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("argv", [["merge", "--method", "ta"], ["quantize", "--bits", "4"]])
+BAD_VALUES = [
+    ("--config.quant.bits=9", "quant.bits"),
+    ("--config.quant.bits=", "quant.bits"),
+    ("--config.quant.group_size=7", "quant.group_size"),
+    ("--config.quant.methods=rtn,bogus", "quant.methods"),
+    ("--config.calib.lam=-1", "calib.lam"),
+    ("--config.calib.anchor=bogus", "calib.anchor"),
+    ("--config.calib.ablations=target=nowhere", "calib.ablations"),
+    ("--config.merge.scalings=", "merge.scalings"),
+    ("--config.merge.filter=nomatch", "merge.filter"),
+    ("--config.merge.methods=ta,dare", "merge.methods"),
+    ("--config.eval.limit=0", "eval.limit"),
+    ("--config.run.mesh=data", "run.mesh"),
+]
+
+
+@pytest.mark.parametrize("argv", [["run"], ["merge", "--method", "ta"], ["quantize", "--bits", "4"]])
+@pytest.mark.parametrize("override, key", BAD_VALUES)
+def test_bad_config_values_fail_in_one_line_before_any_work(capsys, tmp_path, argv, override, key):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "offline_8task.py"
+    rc, out, err = run_main(capsys, *argv, "--config", f"{path}:tiny", "--workdir", str(tmp_path / "w"),
+                            override)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"epmq {argv[0]}: error: --config.{key}"), err
+    # nothing was built or trained (checks against the model's shapes need no training)
+    assert not list((tmp_path / "w").glob("cache/*")), list((tmp_path / "w").rglob("*"))
+
+
 @pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "flan_t5_base_glue"])
-def test_merge_and_quantize_refuse_paper_configs_in_one_line(capsys, tmp_path, argv, config):
+def test_paper_config_without_its_checkpoints_fails_in_one_line(capsys, tmp_path, config):
+    """Offline, a hub checkpoint that is not cached is one line naming it, not a traceback."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{config}.py"
-    rc, out, err = run_main(capsys, *argv, "--config", str(path), "--workdir", str(tmp_path))
-    assert rc == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith(f"epmq {argv[0]}: error: {argv[0]} supports the offline config only")
-    assert "model.family" in err and "'epmq run'" in err
-    assert list(tmp_path.iterdir()) == []  # nothing was started
-
-
-def test_offline_steps_refuse_a_config_without_suite(tmp_path):
-    from pathlib import Path
-
-    from epmq_jax import pipeline
-
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "clip_vit_b32_ta8.py")
-    with pytest.raises(ValueError, match="'suite' section.*model.family 'clip_vision'"):
-        pipeline.merge_command(cfg, tmp_path / "w", "ta")
-    assert not (tmp_path / "w").exists()
+    rc, out, err = run_main(capsys, "quantize", "--config", str(path), "--workdir", str(tmp_path),
+                            f"--config.model_pool.base={tmp_path / 'missing'}")
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "missing" in err

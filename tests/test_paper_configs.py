@@ -21,14 +21,16 @@ PAPER = {
 }
 
 KEYS = {
-    "model": ("family", "base", "experts"),
+    "model_pool": ("kind", "base", "experts", "tokenizer", "revision", "dtype"),
+    "task_pool": ("kind",),
     "data": ("tasks", "data_dir", "calib_split", "eval_split"),
     "merge": ("methods", "scaling", "ties_density", "ties_trim", "filter"),
     "quant": ("bits", "methods", "group_size", "symmetric", "damp", "filter", "checkpoint_bits",
               "checkpoint_methods"),
     "calib": ("n_per_task", "seed", "batch_size", "lam", "anchor", "target", "alpha",
               "task_weights", "rounding"),
-    "eval": ("batch_size",),
+    "eval": ("batch_size", "limit"),
+    "run": ("mesh", "resume"),
 }
 
 
@@ -43,13 +45,13 @@ def test_config_loads_with_documented_keys(name):
         assert section in cfg, f"{name}: no '{section}' section"
         missing = [k for k in keys if k not in cfg[section]]
         assert not missing, f"{name}: {section} lacks {missing}"
-    assert cfg.model.base == base
-    assert cfg.merge.methods == (merge,)
+    assert cfg.model_pool.base == base
+    assert cfg.merge.methods == ((merge,) if name.startswith("flan") else (merge, "regmean"))
     assert cfg.merge.scaling == 0.3
     assert cfg.quant.bits == (4,) and cfg.quant.group_size == 128
     assert set(cfg.quant.methods) == {"rtn", "gptq", "awq", "epmq"}
-    assert len(cfg.data.tasks) == n_tasks == len(cfg.model.experts)
-    assert set(cfg.model.experts) == set(cfg.data.tasks)
+    assert len(cfg.data.tasks) == n_tasks == len(cfg.model_pool.experts)
+    assert set(cfg.model_pool.experts) == set(cfg.data.tasks)
     assert cfg.calib.n_per_task > 0
 
     doc = path.read_text().split('"""')[1]
@@ -62,12 +64,12 @@ def test_config_loads_with_documented_keys(name):
 def test_clip_experts_are_fusion_bench_repos():
     b32 = load_config(CONFIGS / "clip_vit_b32_ta8.py")
     assert tuple(b32.data.tasks) == TASKS_8
-    assert b32.model.experts["stanford_cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
-    assert b32.model.experts["sun397"] == "tanganke/clip-vit-base-patch32_sun397"
+    assert b32.model_pool.experts["stanford_cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
+    assert b32.model_pool.experts["sun397"] == "tanganke/clip-vit-base-patch32_sun397"
     l14 = load_config(CONFIGS / "clip_vit_l14_ta20.py")
     assert tuple(l14.data.tasks) == TASKS_20 and set(TASKS_20) <= set(TASKS)
-    assert l14.model.experts["oxford_iiit_pet"] == "tanganke/clip-vit-large-patch14_oxford-iiit-pet"
-    assert l14.model.experts["emnist_letters"] == "tanganke/clip-vit-large-patch14_emnist_letters"
+    assert l14.model_pool.experts["oxford_iiit_pet"] == "tanganke/clip-vit-large-patch14_oxford-iiit-pet"
+    assert l14.model_pool.experts["emnist_letters"] == "tanganke/clip-vit-large-patch14_emnist_letters"
     # deriving a config must not change the one it derives from
     assert load_config(CONFIGS / "clip_vit_b32_ta8.py").to_dict() == b32.to_dict()
 
@@ -75,7 +77,7 @@ def test_clip_experts_are_fusion_bench_repos():
 def test_t5_config_names_glue_experts_and_quantizes_block_kernels_only():
     cfg = load_config(CONFIGS / "flan_t5_base_glue.py")
     assert tuple(cfg.data.tasks) == GLUE_TASK_NAMES
-    assert cfg.model.experts["stsb"] == "tanganke/flan-t5-base_glue-stsb"
+    assert cfg.model_pool.experts["stsb"] == "tanganke/flan-t5-base_glue-stsb"
     filt = re.compile(cfg.quant.filter)
     assert filt.search("encoder/block/3/layer/0/SelfAttention/q/kernel")
     assert filt.search("decoder/block/11/layer/1/EncDecAttention/o/kernel")

@@ -18,7 +18,7 @@ def synthetic_rows(seed=0):
     def acc(base):
         return {t: float(np.clip(base + rng.normal(0, 4), 0, 100)) for t in TASKS}
 
-    rows = [make_row("expert", "fp", acc(95)), make_row("regmean", "fp", acc(80))]
+    rows = [make_row("expert", "fp", acc(95)), make_row("multitask", "fp", acc(90))]
     for merge, base in (("ta", 70), ("ties", 74)):
         rows.append(make_row(merge, "fp", acc(base), merge_scaling=0.3))
         rows.append(make_row(merge, "epmq_unrounded", acc(base + 8), merge_scaling=0.3, lam=0.1,

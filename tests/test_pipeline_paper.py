@@ -1,12 +1,13 @@
-"""The Hugging Face pipeline end to end on tiny random checkpoints and local tfds data, offline.
+"""The paper configs end to end through the one runner, on tiny random stand-ins of their pools, offline.
 
 For CLIP and for T5: a base checkpoint and two experts (the base with perturbed weights) saved
 with transformers' ``save_pretrained``, a word-level tokenizer built with the ``tokenizers``
-library, two tasks written as local tfds datasets; the paper config is loaded and shrunk, then
-``pipeline.run`` must write the FP experts / FP merge / GPTQ / E-PMQ rows and reloadable packed
-checkpoints. Independent checks: the FP expert row equals accuracies computed here with the
-PyTorch reference models (CLIP), the merge equals the task-arithmetic formula on the torch
-weights, and a checkpoint reloads to its recorded row.
+library, two tasks written as local tfds datasets. Every paper config file is run as a user
+would (``epmq run --config configs/<paper>.py --config.model_pool.base=... ...``), then
+``epmq merge``, ``epmq quantize`` and ``epmq eval`` on its results. Independent checks: the FP
+expert row equals accuracies computed here with the PyTorch reference models (CLIP), the merge
+equals the task-arithmetic formula on the torch weights, and a checkpoint reloads to its
+recorded row.
 """
 
 import json
@@ -53,13 +54,26 @@ def _perturbed(model, seed, scale=0.05):
 
 
 def _shrink(cfg, tasks, base, experts, data_dir, *, group):
-    cfg.model.base = str(base)
-    cfg.model.experts = {t: str(p) for t, p in zip(tasks, experts)}
+    cfg.model_pool.base = str(base)
+    cfg.model_pool.experts = {t: str(p) for t, p in zip(tasks, experts)}
     cfg.data.tasks = tuple(tasks)
     cfg.data.data_dir = str(data_dir)
+    cfg.merge.methods = ("ta",)
     cfg.quant.update(dict(bits=(4,), methods=("gptq", "epmq"), group_size=group))
-    cfg.calib.update(dict(n_per_task=8, batch_size=8, regmean=False, lam_sweep=(0.1,), ablations=()))
+    cfg.calib.update(dict(n_per_task=8, batch_size=8, lam_sweep=(0.1,), ablations=(), unrounded=False))
     cfg.eval.update(dict(batch_size=8, progress=False))
+    cfg.run.update(dict(mesh="", resume=False))
+
+
+def _overrides(tasks, base, experts, data_dir, *, group, extra=()):
+    """The command-line form of :func:`_shrink` (what a user types)."""
+    return [f"--config.model_pool.base={base}", *(f"--config.model_pool.experts.{t}={p}"
+                                                   for t, p in zip(tasks, experts)),
+            f"--config.data.tasks={','.join(tasks)}", f"--config.data.data_dir={data_dir}",
+            "--config.quant.bits=4", "--config.quant.methods=gptq,epmq", f"--config.quant.group_size={group}",
+            "--config.calib.n_per_task=8", "--config.calib.batch_size=8", "--config.calib.lam_sweep=0.1",
+            "--config.calib.ablations=", "--config.eval.batch_size=8", "--config.eval.progress=false",
+            "--config.run.mesh=", *extra]
 
 
 def _check_rows(doc, tasks):
@@ -148,13 +162,13 @@ def _torch_accuracy(base, vision, tokenizer_dir, task, data, split="test"):
 
 
 def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, tmp_path, capsys):
-    from epmq_jax import pipeline_hf
+    from epmq_jax import pipeline
 
     root, base, experts, data = clip_setup
     cfg = load_config(CONFIGS / "clip_vit_b32_ta8.py")
     cfg.data.image_size = 16
     _shrink(cfg, CLIP_TASKS, root / "base", experts, data, group=32)
-    doc = pipeline_hf.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
+    doc = pipeline.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
     rows = _check_rows(doc, CLIP_TASKS)
 
     # FP experts and FP merge against transformers' models and the TA formula on torch weights
@@ -174,17 +188,16 @@ def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, 
     for f in ("results.json", "results.md", "results.csv", "metrics.json", "solver_stats/ta_gptq_w4.json"):
         assert (out / f).is_file(), f
     assert set(doc["checkpoints"]) == {"ta_gptq_w4", "ta_epmq_w4"}
-    # the packed checkpoint reloads with QuantizedWeight leaves and reproduces its row; the CLI
-    # path (pipeline.run) dispatches to pipeline_hf
+    # the packed checkpoint reloads with QuantizedWeight leaves and reproduces its row
     from epmq_jax.quant import is_quantized
 
-    meta, models, params = pipeline_hf.load_checkpoint(doc["checkpoints"]["ta_epmq_w4"])
+    meta, _, _, _, params = pipeline.load_checkpoint(doc["checkpoints"]["ta_epmq_w4"])
     q = params["encoder"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
     assert is_quantized(q) and q.bits == 4 and meta["row"] == rows[("ta", "epmq", 4)]
     assert not is_quantized(params["embeddings"]["patch_embedding"]["kernel"])
-    result = pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_epmq_w4"], log=lambda _: None)
+    result = pipeline.eval_checkpoint(doc["checkpoints"]["ta_epmq_w4"], log=lambda _: None)
     assert result["matches_recorded"]
-    # `epmq eval --checkpoint` takes it too (pipeline.eval_checkpoint dispatches on the format)
+    # `epmq eval --checkpoint` takes it too
     from epmq_jax import cli
 
     capsys.readouterr()
@@ -194,7 +207,8 @@ def test_clip_run_writes_rows_matching_torch_and_checkpoints_reload(clip_setup, 
 
 
 def test_merge_coefficient_chosen_on_validation(clip_setup, tmp_path):
-    from epmq_jax import pipeline_hf
+    from epmq_jax import pipeline
+    from epmq_jax.pipeline import stages
 
     root, base, experts, data = clip_setup
     cfg = load_config(CONFIGS / "clip_vit_b32_ta8.py")
@@ -202,7 +216,7 @@ def test_merge_coefficient_chosen_on_validation(clip_setup, tmp_path):
     _shrink(cfg, ("eurosat",), root / "base", experts[1:], data, group=32)
     cfg.merge.scaling = None
     cfg.merge.scalings = (0.5, 3.0)
-    job = pipeline_hf.prepare(cfg, tmp_path, log=lambda _: None)
+    ctx, mp, tp = pipeline.start(cfg, tmp_path, log=lambda _: None)
     sd = base.vision_model.state_dict()
     ex = transformers.CLIPVisionModel.from_pretrained(experts[1]).state_dict()
     val = {}
@@ -211,11 +225,11 @@ def test_merge_coefficient_chosen_on_validation(clip_setup, tmp_path):
         merged.load_state_dict({k: v + s * (ex[k] - v) for k, v in sd.items()})
         val[s] = _torch_accuracy(base, merged.eval(), root / "base", "eurosat", data, "validation")
     want = max(val, key=lambda s: (val[s], -s))
-    assert pipeline_hf.choose_scaling(job, "ta") == want
+    assert stages.merge_method(ctx, mp, tp, "ta", mp.calibration_inputs).scaling == want
 
 
 def test_quant_filter_must_match_the_adapter(clip_setup, tmp_path):
-    from epmq_jax import pipeline_hf
+    from epmq_jax import pipeline
 
     root, _, experts, data = clip_setup
     cfg = load_config(CONFIGS / "clip_vit_b32_ta8.py")
@@ -223,7 +237,7 @@ def test_quant_filter_must_match_the_adapter(clip_setup, tmp_path):
     _shrink(cfg, CLIP_TASKS, root / "base", experts, data, group=32)
     cfg.quant.filter = r"mlp/fc1/kernel"
     with pytest.raises(ValueError, match="quant.filter"):
-        pipeline_hf.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
+        pipeline.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
 
 
 # ----------------------------------------------------------------------------- T5
@@ -268,16 +282,17 @@ def t5_setup(tmp_path_factory):
 
 
 def test_t5_run_writes_rows_and_checkpoints_reload(t5_setup, tmp_path):
-    from epmq_jax import pipeline_hf
+    from epmq_jax import pipeline
+    from epmq_jax.pipeline import stages
     from epmq_jax.quant import is_quantized
 
     root, experts, data = t5_setup
     cfg = load_config(CONFIGS / "flan_t5_base_glue.py")
     _shrink(cfg, T5_TASKS, root / "base", experts, data, group=32)
-    cfg.model.tokenizer = str(root / "base")
+    cfg.model_pool.tokenizer = str(root / "base")
     cfg.data.update(dict(max_length=48, max_target_length=4))
     cfg.eval.max_new_tokens = 3
-    doc = pipeline_hf.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
+    doc = pipeline.run(cfg, tmp_path / "run", plots=False, log=lambda _: None)
     rows = _check_rows(doc, T5_TASKS)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name, row in (("expert_fp", rows[("expert", "fp", None)]), ("ta_gptq_w4", rows[("ta", "gptq", 4)])):
@@ -286,24 +301,44 @@ def test_t5_run_writes_rows_and_checkpoints_reload(t5_setup, tmp_path):
             assert row["per_task"][task] == pytest.approx(100 * metrics[name][task]["accuracy"])
     stats = json.loads((tmp_path / "run" / "solver_stats" / "ta_epmq_w4.json").read_text())
     assert len(stats) == 7 + 11  # encoder block: q, k, v, o, wi_0, wi_1, wo; decoder + q, k, v, o
-    meta, _, params = pipeline_hf.load_checkpoint(doc["checkpoints"]["ta_gptq_w4"])
+    params = pipeline.load_checkpoint(doc["checkpoints"]["ta_gptq_w4"])[-1]
     assert is_quantized(params["decoder"]["block"][0]["layer"][1]["EncDecAttention"]["k"]["kernel"])
     assert not is_quantized(params["shared"]["embedding"])
-    assert pipeline_hf.eval_checkpoint(doc["checkpoints"]["ta_gptq_w4"], log=lambda _: None)["matches_recorded"]
+    assert pipeline.eval_checkpoint(doc["checkpoints"]["ta_gptq_w4"], log=lambda _: None)["matches_recorded"]
     cfg.merge.scaling = None  # GLUE's validation split is the evaluation split: no selection on it
+    ctx, mp, tp = pipeline.start(cfg, tmp_path / "select", log=lambda _: None)
     with pytest.raises(ValueError, match="merge.scaling"):
-        pipeline_hf.choose_scaling(pipeline_hf.prepare(cfg, tmp_path / "select", log=lambda _: None), "ta")
+        stages.merge_method(ctx, mp, tp, "ta", mp.calibration_inputs)
 
 
-@pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "flan_t5_base_glue"])
-def test_epmq_run_dispatches_paper_configs_to_pipeline_hf(config, tmp_path, monkeypatch):
-    from epmq_jax import cli, pipeline_hf
+@pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "clip_vit_b32_ties8", "clip_vit_l14_ta20",
+                                    "flan_t5_base_glue"])
+def test_every_subcommand_takes_every_paper_config(config, clip_setup, t5_setup, tmp_path, capsys):
+    """`epmq run`, `merge`, `quantize` and `eval` on each paper config file, its pools pointed at the
+    tiny stand-ins by command-line overrides (as a user would point them at local checkpoints)."""
+    from epmq_jax import cli, report
 
-    calls = []
-    monkeypatch.setattr(pipeline_hf, "run", lambda cfg, workdir, **kw: calls.append((cfg, workdir, kw)))
-    rc = cli.main(["run", "--config", str(CONFIGS / f"{config}.py"), "--workdir", str(tmp_path),
-                   "--no-plots", "--config.calib.n_per_task=4"])
-    assert rc == 0 and len(calls) == 1
-    cfg, workdir, kw = calls[0]
-    assert cfg.name == config and cfg.calib.n_per_task == 4
-    assert Path(workdir) == tmp_path and kw["plots"] is False
+    if config.startswith("clip"):
+        root, _, experts, data = clip_setup
+        tasks, extra = CLIP_TASKS, ["--config.data.image_size=16"]
+    else:
+        root, experts, data = t5_setup
+        tasks = T5_TASKS
+        extra = [f"--config.model_pool.tokenizer={root / 'base'}", "--config.data.max_length=48",
+                 "--config.data.max_target_length=4", "--config.eval.max_new_tokens=3"]
+    args = ["--config", str(CONFIGS / f"{config}.py"), "--workdir", str(tmp_path / "w"),
+            *_overrides(tasks, root / "base", experts, data, group=32, extra=extra)]
+    merge = "ties" if "ties" in config else "ta"
+    assert cli.main(["run", "--no-plots", *args, "--config.merge.methods=" + merge]) == 0
+    doc = report.read_json(tmp_path / "w" / "results.json")
+    names = {(r["merge"], r["method"], r["bits"]) for r in doc["rows"]}
+    assert {("expert", "fp", None), (merge, "fp", None), (merge, "gptq", 4), (merge, "epmq", 4)} <= names
+    assert cli.main(["merge", *args, "--method", merge]) == 0
+    out = tmp_path / "q"
+    assert cli.main(["quantize", *args, "--merge", merge, "--method", "gptq", "--bits", "4",
+                     "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out)]) == 0
+    assert "reproduces the recorded row" in capsys.readouterr().out
+    gptq = next(r for r in doc["rows"] if r["merge"] == merge and r["method"] == "gptq")
+    assert json.loads((out / "meta.json").read_text())["row"]["per_task"] == gptq["per_task"]

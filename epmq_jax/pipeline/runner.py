@@ -1,0 +1,259 @@
+"""One runner for every config: check -> merge -> calibrate & round -> evaluate -> report -> save.
+
+:func:`run` is what ``epmq run`` calls, whatever the model family: it builds the config's model
+pool and task pool (:mod:`epmq_jax.pipeline.kinds`), checks the whole config against the
+model's structure before any work, then computes every row of :func:`~epmq_jax.pipeline.variants.plan`:
+
+1. the FP experts (each task with its own expert);
+2. per merge method (``merge.methods``): the merge, its coefficient (TA / TIES) or RegMean's α
+   chosen on the task pool's selection split (validation) unless the config fixes it; the FP
+   merge, E-PMQ unrounded (the relaxation W* kept in float) and every quantizer at every bit
+   width, each calibrated by the sequential driver from the same per-task calibration inputs;
+3. the E-PMQ anchor-strength sweep and switch ablations;
+
+scores each on the task pool's reported split, and writes into ``WORKDIR``: results.json / .md /
+.csv (:mod:`epmq_jax.report`), ``solver_stats/<variant>.json``, the plots, and packed checkpoints
+of ``quant.checkpoint_methods`` at ``quant.checkpoint_bits`` (:mod:`~epmq_jax.pipeline.checkpoints`).
+
+With ``run.resume`` a rerun of the same config skips the rows already finished (kept in
+``WORKDIR/rows.partial.jsonl``) and the calibration driver resumes from its last finished block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from epmq_jax import report
+from epmq_jax.pipeline import stages, validate
+from epmq_jax.pipeline.checkpoints import config_dict, save_checkpoint
+from epmq_jax.pipeline.kinds import build_pools
+from epmq_jax.pipeline.pools import Context, Log, ModelPool, Params, TaskPool, say, scores
+from epmq_jax.pipeline.variants import Variant, epmq_switches, plan
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the wall time depends on what else runs)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def enable_compilation_cache(cache: Path) -> None:
+    """Keeps XLA's compiled programs under ``cache/jax`` (JAX's persistent compilation cache), so
+    a second run skips most compilation. An explicit ``JAX_COMPILATION_CACHE_DIR`` wins."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str((Path(cache) / "jax").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def start(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = say
+          ) -> tuple[Context, ModelPool, TaskPool]:
+    """Checks the config, builds the pools and checks the config against the model's structure.
+
+    Nothing is trained, loaded beyond the base model's structure, or written except ``workdir``.
+
+    Raises:
+      epmq_jax.config.ConfigError: a bad config value (one line).
+    """
+    validate.check_config(cfg)
+    mesh, axis = stages.make_mesh(cfg.run.mesh)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(cfg, workdir, log, mesh, axis)
+    model_pool, task_pool = build_pools(ctx)
+    validate.check_against_model(cfg, model_pool.abstract_params(), model_pool.adapter())
+    enable_compilation_cache(ctx.cache_dir)
+    return ctx, model_pool, task_pool
+
+
+class Runner:
+    """Computes variants for one run, sharing the merges and the calibration inputs between them."""
+
+    def __init__(self, ctx: Context, model_pool: ModelPool, task_pool: TaskPool):
+        self.ctx, self.mp, self.tp = ctx, model_pool, task_pool
+        self._merges: dict[str, stages.Merge] = {}
+        self._calib_inputs: list[Any] | None = None
+        self.metrics: dict[str, dict[str, dict[str, float]]] = {}
+
+    def calib_inputs(self) -> list[Any]:
+        if self._calib_inputs is None:
+            with self.ctx.timed("calibration_data"):
+                self._calib_inputs = self.mp.calibration_inputs()
+        return self._calib_inputs
+
+    def merged(self, method: str) -> stages.Merge:
+        if method not in self._merges:
+            self._merges[method] = stages.merge_method(self.ctx, self.mp, self.tp, method, self.calib_inputs)
+        return self._merges[method]
+
+    def compute(self, v: Variant) -> tuple[Any, list[dict] | None, float | None, dict[str, Any]]:
+        """``(params, solver stats or None, merge coefficient, row settings)`` of a variant."""
+        if v.merge == "expert":
+            return self.mp.experts(), None, None, {}
+        if v.merge == "multitask":
+            return self.mp.multitask(), None, None, {}
+        m = self.merged(v.merge)
+        if v.method == "fp":
+            return m.params, None, m.scaling, dict(m.settings)
+        params, stats = stages.calibrate_variant(self.ctx, self.mp, v, m.params, self.calib_inputs())
+        settings = {**m.settings, "damp": float(self.ctx.cfg.quant.damp)}
+        return params, stats, m.scaling, settings
+
+    def row(self, v: Variant, params: Any, scaling: float | None, settings: Mapping[str, Any]) -> dict[str, Any]:
+        results = stages.score(self.tp, self.ctx, params, self.tp.report_split)
+        self.metrics[v.name] = results
+        return report.make_row(v.merge, v.method, scores(results), bits=v.bits, block=v.block,
+                               default=v.default, merge_scaling=scaling, settings=settings, **v.sw)
+
+
+def _fingerprint(cfg: ml_collections.ConfigDict) -> str:
+    blob = json.dumps(config_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finished_rows(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier run of the same config, by variant name (empty if none or another config)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue   # a line cut by a crash
+        if item.get("fingerprint") == fingerprint:
+            out[item["name"]] = item
+    return out
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = True, log: Log = say) -> dict[str, Any]:
+    """The whole job (module docstring); returns the results document also written to results.json."""
+    from tqdm.auto import tqdm
+
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
+    ctx, model_pool, task_pool = start(cfg, workdir, log=log)
+    runner = Runner(ctx, model_pool, task_pool)
+    variants = plan(cfg, has_multitask=bool(cfg.model_pool.get("multitask", False)))
+    stats_dir = ctx.workdir / "solver_stats"
+    stats_dir.mkdir(exist_ok=True)
+    partial = ctx.workdir / "rows.partial.jsonl"
+    fingerprint = _fingerprint(cfg)
+    done = _finished_rows(partial, fingerprint) if cfg.run.resume else {}
+    if not cfg.run.resume and partial.exists():
+        partial.unlink()
+    rows, checkpoints = [], {}
+    bar = tqdm(variants, desc="variants", disable=not ctx.progress)
+    for v in bar:
+        bar.set_postfix_str(v.name)
+        if v.name in done:
+            rows.append(done[v.name]["row"])
+            if done[v.name].get("checkpoint"):
+                checkpoints[v.name] = done[v.name]["checkpoint"]
+            log(f"[epmq] {v.name:<32} avg {rows[-1]['avg']:.1f} (finished earlier)")
+            continue
+        params, stats, scaling, settings = runner.compute(v)
+        if stats is not None:
+            (stats_dir / f"{v.name}.json").write_text(json.dumps(stats, indent=1))
+        row = runner.row(v, params, scaling, settings)
+        rows.append(row)
+        log(f"[epmq] {v.name:<32} avg {row['avg']:.1f}")
+        ckpt = None
+        if (v.block == "main" and v.method in cfg.quant.checkpoint_methods
+                and v.bits == int(cfg.quant.checkpoint_bits)):
+            ckpt = str(save_checkpoint(ctx, model_pool, task_pool, params, row,
+                                       ctx.workdir / "checkpoints" / v.name))
+            checkpoints[v.name] = ckpt
+        with open(partial, "a") as f:
+            f.write(json.dumps({"fingerprint": fingerprint, "name": v.name, "row": row,
+                                "checkpoint": ckpt}) + "\n")
+    ctx.timings["total"] = time.perf_counter() - t_start
+    ctx.timings["cpu_total"] = _cpu_seconds() - cpu_start
+    (ctx.workdir / "metrics.json").write_text(json.dumps(runner.metrics, indent=1))
+    extra = {"notes": [task_pool.note], "checkpoints": checkpoints, "solver_stats": str(stats_dir),
+             "metrics": str(ctx.workdir / "metrics.json"),
+             "pools": {"model": model_pool.kind, "task": task_pool.kind},
+             "merges": {k: {"scaling": m.scaling, "settings": m.settings,
+                            "validation": {str(c): s for c, s in m.validation.items()}}
+                        for k, m in runner._merges.items()}}
+    report.write_json(ctx.workdir / "results.json", rows, config=config_dict(cfg), timings=dict(ctx.timings),
+                      extra=extra)
+    doc = report.read_json(ctx.workdir / "results.json")
+    write_report(doc, ctx.workdir, plots=plots, log=log)
+    return doc
+
+
+def write_report(doc: Mapping[str, Any], out_dir: str | Path, *, plots: bool = True, log: Log = say) -> list[Path]:
+    """Writes results.md, results.csv (and the plots) from a results document and prints the table.
+
+    Returns:
+      The paths written.
+    """
+    from epmq_jax import plots as plots_mod
+
+    out = Path(out_dir)
+    rows = doc["rows"]
+    name = doc.get("config", {}).get("name", out.name)
+    notes = doc.get("notes", [])
+    paths = [report.write_csv(out / "results.csv", rows),
+             report.write_markdown(out / "results.md", rows, title=f"epmq results: {name}", notes=notes,
+                                   timings=doc.get("timings"))]
+    if plots:
+        paths += plots_mod.plot_all(rows, out)
+    log(report.format_table(rows, title=f"Scores (%), {name}. " + " ".join(notes)))
+    timings = doc.get("timings", {})
+    if timings:
+        log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    log(f"[epmq] wrote {', '.join(p.name for p in paths)} to {out}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- single steps
+
+
+def merge_command(cfg: ml_collections.ConfigDict, workdir: str | Path, method: str, *,
+                  scaling: float | None = None, log: Log = say) -> dict[str, Any]:
+    """``epmq merge``: one merge method (coefficient chosen on validation unless ``scaling``),
+    scored on the reported split, saved to ``WORKDIR/checkpoints/<method>_fp``."""
+    if scaling is not None:
+        with cfg.unlocked():
+            cfg.merge.scaling = float(scaling)
+    ctx, mp, tp = start(cfg, workdir, log=log)
+    runner = Runner(ctx, mp, tp)
+    v = Variant(method, "fp")
+    params, _, scaling, settings = runner.compute(v)
+    row = runner.row(v, params, scaling, settings)
+    path = save_checkpoint(ctx, mp, tp, params, row, ctx.workdir / "checkpoints" / v.name)
+    what = f" (coefficient {scaling:g})" if scaling is not None else ""
+    log(report.format_table([row], title=f"Scores (%): {report.MERGE_NAMES.get(method, method)}{what}, "
+                            f"saved to {path}"))
+    return row
+
+
+def quantize_command(cfg: ml_collections.ConfigDict, workdir: str | Path, merge: str, method: str, bits: int, *,
+                     out: str | Path | None = None, log: Log = say) -> dict[str, Any]:
+    """``epmq quantize``: one merge, one quantizer at ``bits``; scored, saved packed."""
+    ctx, mp, tp = start(cfg, workdir, log=log)
+    runner = Runner(ctx, mp, tp)
+    is_epmq = method == "epmq"
+    v = Variant(merge, method, int(bits), default=is_epmq, switches=epmq_switches(cfg.calib) if is_epmq else ())
+    params, stats, scaling, settings = runner.compute(v)
+    (ctx.workdir / "solver_stats").mkdir(exist_ok=True)
+    (ctx.workdir / "solver_stats" / f"{v.name}.json").write_text(json.dumps(stats, indent=1))
+    row = runner.row(v, params, scaling, settings)
+    path = save_checkpoint(ctx, mp, tp, params, row, Path(out) if out else ctx.workdir / "checkpoints" / v.name)
+    log(report.format_table([row], title=f"Scores (%): {v.name}, saved to {path}"))
+    return row
+
+
+__all__ = ["Params", "Runner", "merge_command", "quantize_command", "run", "start", "write_report"]

@@ -1,0 +1,248 @@
+"""The runner's stages as plain functions: merge, choose coefficients on validation, calibrate.
+
+Each takes the pools (:mod:`epmq_jax.pipeline.pools`) and the config and returns params or
+numbers; none of them knows the model family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from epmq_jax.pipeline.pools import Context, Log, ModelPool, Params, TaskPool, say, scores
+from epmq_jax.pipeline.variants import Variant
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def dequantize_tree(params: Any) -> Any:
+    """Replaces every ``QuantizedWeight`` leaf by its effective float kernel ``(d_in, d_out)``."""
+    from epmq_jax.quant import is_quantized
+
+    return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, params, is_leaf=is_quantized)
+
+
+def make_mesh(spec: str) -> tuple[Any, str | None]:
+    """The mesh of ``run.mesh``: ``""`` -> no mesh; ``"auto"`` -> all devices on axis ``data``;
+    ``"NAME:SIZE"`` -> the first SIZE devices on axis NAME.
+
+    Raises:
+      ValueError: a malformed spec, or more devices than there are.
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        return None, None
+    if spec == "auto":
+        name, size = "data", jax.device_count()
+    else:
+        name, sep, size_s = spec.partition(":")
+        if not sep or not name or not size_s.isdigit() or int(size_s) < 1:
+            raise ValueError(f"run.mesh={spec!r}: expected '', 'auto' or 'NAME:SIZE' (e.g. 'data:8')")
+        size = int(size_s)
+        if size > jax.device_count():
+            raise ValueError(f"run.mesh={spec!r} asks for {size} devices; {jax.device_count()} are visible")
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:size]), (name,),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    return mesh, name
+
+
+def score(task_pool: TaskPool, ctx: Context, params: Params | Sequence[Params], split: str,
+          ) -> dict[str, dict[str, float]]:
+    """The task pool's evaluation of float-ized ``params`` (timed under ``evaluate_<split>``)."""
+    trees = [dequantize_tree(p) for p in params] if isinstance(params, list | tuple) else dequantize_tree(params)
+    with ctx.timed(f"evaluate_{split}"):
+        return task_pool.evaluate(trees, split)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_trees(mcfg: ml_collections.ConfigDict, base: Params, experts: Sequence[Params], method: str,
+                scaling: float) -> Params:
+    """Merges ``experts`` into ``base`` with ``method`` (``ta`` / ``ties``) at coefficient ``scaling``.
+
+    Args:
+      mcfg: the config's ``merge`` section (``filter``, ``ties_density``, ``ties_trim``).
+      base, experts: parameter trees of equal structure.
+      method: ``"ta"`` (Task Arithmetic) or ``"ties"`` (TIES-Merging).
+      scaling: the merge coefficient.
+
+    Raises:
+      ValueError: an unknown method.
+    """
+    from epmq_jax import merge
+
+    filt = mcfg.get("filter") or None
+    if method == "ta":
+        return merge.task_arithmetic(base, list(experts), scaling=scaling, filter=filt)
+    if method == "ties":
+        return merge.ties_merging(base, list(experts), scaling=scaling, density=float(mcfg.ties_density),
+                                  trim=mcfg.ties_trim, filter=filt)
+    raise ValueError(f"merge.methods: {method!r} is not a coefficient merge; expected 'ta' or 'ties'")
+
+
+def select_best(candidates: Sequence[float], evaluate: Callable[[float], Mapping[str, float]],
+                what: str, *, log: Log = say) -> tuple[float, dict[float, float]]:
+    """The candidate with the best average validation score (ties go to the smaller value).
+
+    Args:
+      candidates: the values to try.
+      evaluate: ``value -> {task: validation score}``.
+      what: a name for the log line (``"ta merge coefficient"``).
+
+    Returns:
+      ``(best, {candidate: validation average})``.
+    """
+    results = {float(c): float(np.mean(list(evaluate(float(c)).values()))) for c in candidates}
+    best = max(results, key=lambda c: (results[c], -c))
+    log(f"[epmq] {what} {best:g} chosen on validation "
+        f"({', '.join(f'{c:g}: {v:.1f}' for c, v in results.items())})")
+    return best, results
+
+
+def select_scaling(mcfg: ml_collections.ConfigDict, method: str, evaluate: Callable[[float], Mapping[str, float]],
+                   *, log: Log = say) -> tuple[float, dict[float, float]]:
+    """``merge.scaling`` if set, else the best of ``merge.scalings`` on validation (:func:`select_best`)."""
+    fixed = mcfg.get("scaling")
+    if fixed is not None:
+        return float(fixed), {}
+    return select_best(mcfg.scalings, evaluate, f"{method}: merge coefficient", log=log)
+
+
+def _needs_selection(ctx: Context, task_pool: TaskPool, fixed: Any, key: str) -> None:
+    if fixed is None and task_pool.select_split is None:
+        raise ValueError(f"{key} is None, but task pool '{task_pool.kind}' has no split to choose it on "
+                         f"(its reported split is {task_pool.report_split!r}); set {key}")
+
+
+@dataclasses.dataclass
+class Merge:
+    """A merged model and how it was made.
+
+    Attributes:
+      params: the merged param tree.
+      scaling: the merge coefficient (TA / TIES), else None.
+      settings: what else defines it (RegMean's α, Gram source, ...), recorded in every row.
+      validation: ``{candidate: validation average}`` of the selection, if one was made.
+    """
+
+    params: Params
+    scaling: float | None
+    settings: dict[str, Any]
+    validation: dict[float, float]
+
+
+def merge_method(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, method: str,
+                 calib_inputs: Callable[[], list[Any]]) -> Merge:
+    """Merges the pool's experts with ``method``, choosing its coefficient on validation.
+
+    ``ta`` / ``ties``: ``merge.scaling`` or the best of ``merge.scalings``; ``regmean``:
+    ``merge.regmean_alpha`` or the best of ``merge.regmean_alphas`` (expert-own Gram matrices
+    from ``calib_inputs()``, :func:`epmq_jax.calib.regmean_merge`).
+    """
+    cfg = ctx.cfg
+    mcfg = cfg.merge
+    base, experts = model_pool.base(), model_pool.experts()
+
+    def val(params: Params) -> dict[str, float]:
+        return scores(score(task_pool, ctx, params, task_pool.select_split))
+
+    if method == "regmean":
+        from epmq_jax import calib
+
+        fixed = mcfg.get("regmean_alpha")
+        _needs_selection(ctx, task_pool, fixed, "merge.regmean_alpha")
+        alphas = [float(fixed)] if fixed is not None else [float(a) for a in mcfg.regmean_alphas]
+        with ctx.timed("merge"):
+            merges, stats = calib.regmean_merge(
+                model_pool.adapter(), base, experts, calib_inputs(), alphas,
+                filter=mcfg.get("filter") or None, damp=float(mcfg.get("regmean_damp", 0.0)),
+                batch_size=int(cfg.calib.batch_size), mesh=ctx.mesh, axis=ctx.axis, progress=ctx.progress)
+        if fixed is None:
+            alpha, results = select_best(alphas, lambda a: val(merges[a]), "regmean: alpha", log=ctx.log)
+        else:
+            alpha, results = float(fixed), {}
+        damps = [s["damp"] for s in stats if s["alpha"] == alpha]
+        settings = {"gram_source": "expert", "alpha": alpha, "gram_sum": "plain",
+                    "nonlinear": "average", "n_per_task": int(cfg.calib.n_per_task),
+                    "damp_max": max(damps) if damps else 0.0}
+        return Merge(merges[alpha], None, settings, results)
+    fixed = mcfg.get("scaling")
+    _needs_selection(ctx, task_pool, fixed, "merge.scaling")
+
+    def merged(s: float) -> Params:
+        with ctx.timed("merge"):
+            return merge_trees(mcfg, base, experts, method, s)
+
+    scaling, results = select_scaling(mcfg, method, lambda s: val(merged(s)), log=ctx.log)
+    settings = {"ties_density": float(mcfg.ties_density), "ties_trim": mcfg.ties_trim} if method == "ties" else {}
+    return Merge(merged(scaling), scaling, settings, results)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def quant_spec(cfg: ml_collections.ConfigDict, bits: int):
+    """The :class:`epmq_jax.quant.QuantSpec` of ``bits`` with the config's group size and symmetry."""
+    from epmq_jax.quant import QuantSpec
+
+    return QuantSpec(bits=int(bits), group_size=int(cfg.quant.group_size), symmetric=bool(cfg.quant.symmetric))
+
+
+def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]:
+    """The driver config (:class:`epmq_jax.calib.CalibConfig`) of a variant and whether it needs the experts.
+
+    - ``rtn`` / ``gptq``: the ``gptq`` objective (targets from the merged layer, W* = W_m),
+      rounded by RTN or GPTQ;
+    - ``awq``: the ``gptq`` objective with AWQ rounding;
+    - ``epmq`` / ``epmq_unrounded``: the E-PMQ objective with the variant's switches, rounded by
+      its ``rounding`` (``none`` keeps W*).
+
+    Returns:
+      ``(config, needs_experts)``: ``needs_experts`` is False only for the ``gptq`` objective.
+    """
+    from epmq_jax import calib
+
+    ccfg = cfg.calib
+    bits = v.bits if v.bits is not None else int(cfg.quant.bits[0])  # spec unused when unrounded
+    if v.method in ("rtn", "gptq", "awq"):
+        objective, rounding = calib.Objective(kind="gptq"), v.method
+    elif v.method in ("epmq", "epmq_unrounded"):
+        sw = v.sw
+        objective = calib.Objective(kind="epmq", lam=sw["lam"], anchor=sw["anchor"], target=sw["target"],
+                                    alpha=sw["alpha"] if sw["alpha"] is not None else float(ccfg.alpha),
+                                    task_weights=sw["task_weights"])
+        rounding = sw["rounding"]
+    else:
+        raise ValueError(f"variant {v.name}: method {v.method!r} is not calibrated")
+    config = calib.CalibConfig(objective=objective, rounding=rounding, spec=quant_spec(cfg, bits),
+                               damp=float(cfg.quant.damp), batch_size=int(ccfg.batch_size))
+    return config, objective.kind != "gptq"
+
+
+def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Params,
+                      calib_inputs: list[Any]) -> tuple[Params, list[dict]]:
+    """Runs the sequential driver for one variant (:func:`calib_config`) from the float model ``start``.
+
+    With ``run.resume`` the driver checkpoints every block under ``WORKDIR/resume/<variant>``.
+
+    Returns:
+      ``(params, stats)``: ``start`` with every calibrated kernel replaced (``QuantizedWeight``,
+      or float for unrounded variants) and the per-layer solver statistics.
+    """
+    from epmq_jax import calib
+
+    config, needs_experts = calib_config(ctx.cfg, v)
+    resume = ctx.workdir / "resume" / v.name if ctx.cfg.run.resume else None
+    with ctx.timed("calibrate"):
+        result = calib.calibrate(model_pool.adapter(), start, calib_inputs, config,
+                                 experts=model_pool.experts() if needs_experts else None,
+                                 mesh=ctx.mesh, axis=ctx.axis,
+                                 checkpoint_dir=None if resume is None else str(resume),
+                                 progress=ctx.progress)
+    return result.params, result.stats
