@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes  # registers "bfloat16" with numpy, so safetensors' numpy reader handles BF16
 import numpy as np
 from flax import nnx, serialization, traverse_util
+from safetensors import safe_open
 
 from epmq_jax._tree import path_str
 
@@ -165,8 +166,6 @@ class _SafetensorsFile:
     """``safe_open`` on a ``.safetensors`` file: the header is checked now, tensors read on demand."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         try:
             self._file = safe_open(str(path), framework="numpy")
         except Exception as e:  # SafetensorError and friends: bad header, file shorter than it says
