@@ -182,19 +182,21 @@ def test_missing_repo_fails_fast_offline(monkeypatch):
 
 
 @needs_torch
-def test_read_safetensors_half_precision(tmp_path):
-    """bfloat16/float16 tensors (numpy has no bfloat16) are read and cast to float32."""
+def test_open_tensors_half_precision(tmp_path):
+    """bfloat16/float16 tensors (numpy has no bfloat16 of its own) are read in their own dtype."""
+    import ml_dtypes
     from safetensors.torch import save_file
 
-    from epmq_jax.models.hf import read_safetensors
+    from epmq_jax.models.hf import open_tensors
 
     t = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(4).to(torch.float16),
          "ids": torch.arange(6).reshape(2, 3)}
     save_file(t, tmp_path / "model.safetensors")
-    got = read_safetensors(tmp_path)
-    assert got["a"].dtype == got["b"].dtype == np.float32 and got["ids"].dtype == np.int64
+    got = open_tensors(tmp_path)
+    assert (got["a"].dtype, got["b"].dtype, got["ids"].dtype) == (
+        ml_dtypes.bfloat16, np.float16, np.int64)
     for k in t:
-        np.testing.assert_array_equal(got[k], t[k].float().numpy() if k != "ids" else t[k].numpy())
+        np.testing.assert_array_equal(got[k].astype(np.float32), t[k].float().numpy())
 
 
 def test_load_into_layouts_dtype_and_duplicates():

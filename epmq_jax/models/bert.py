@@ -9,6 +9,8 @@ name through :mod:`epmq_jax.models.hf`. Linear kernels are Flax ``(d_in, d_out)`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -195,15 +197,17 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array, normalize: bool = Tr
     return emb
 
 
-def from_hf(config: dict, tensors: dict[str, np.ndarray]) -> BertModel:
+def from_hf(config: dict, tensors: Mapping[str, np.ndarray], *, dtype: Any = None) -> BertModel:
     """Builds a :class:`BertModel` from a ``config.json`` dict and its tensors.
 
     Names may carry the ``bert.`` prefix of ``BertFor*`` checkpoints; task heads (``cls.*``,
-    ``classifier.*``) are not part of the encoder and are skipped.
+    ``classifier.*``) are not part of the encoder and are skipped. ``dtype``: storage dtype of
+    the params (None: float32).
     """
     cfg = BertConfig.from_dict(config)
     names = {n.removeprefix("bert.") for n in tensors}
     model = hf.abstract(lambda: BertModel(cfg, rngs=hf.ABSTRACT_RNGS,
                                           add_pooling_layer="pooler.dense.weight" in names))
     return hf.load_into(model, tensors, lambda n: n.removeprefix("bert."),
-                        ignore=[r"position_ids$", r"token_type_ids$", r"^(cls|classifier)\."])
+                        ignore=[r"position_ids$", r"token_type_ids$", r"^(cls|classifier)\."],
+                        dtype=dtype)

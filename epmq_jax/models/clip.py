@@ -16,6 +16,8 @@ Images are NHWC float32 (already resized and normalised, see :mod:`epmq_jax.mode
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -376,13 +378,15 @@ class CLIPModel(nnx.Module):
         return jnp.exp(self.logit_scale[...]) * img @ txt.T
 
 
-def from_hf(config: dict, tensors: dict[str, np.ndarray]) -> CLIPModel | CLIPVisionModelWithProjection:
+def from_hf(config: dict, tensors: Mapping[str, np.ndarray], *, dtype: Any = None
+            ) -> CLIPModel | CLIPVisionModelWithProjection:
     """Builds a CLIP model from a Hugging Face ``config.json`` dict and its tensors.
 
     ``model_type == "clip"`` gives a :class:`CLIPModel`; ``"clip_vision_model"``
     (``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` checkpoints, names with or
     without the ``vision_model.`` prefix) gives a :class:`CLIPVisionModelWithProjection`, whose
-    ``visual_projection`` is None when the checkpoint has none.
+    ``visual_projection`` is None when the checkpoint has none. ``dtype``: storage dtype of the
+    params (None: float32).
     """
     ignore = [r"position_ids$"]
     model_type = config.get("model_type")
@@ -398,12 +402,13 @@ def from_hf(config: dict, tensors: dict[str, np.ndarray]) -> CLIPModel | CLIPVis
             return name
 
         model = hf.abstract(lambda: CLIPModel(cfg, rngs=hf.ABSTRACT_RNGS))
-        return hf.load_into(model, tensors, rename, ignore)
+        return hf.load_into(model, tensors, rename, ignore, dtype=dtype)
     if model_type == "clip_vision_model":
         cfg = CLIPVisionConfig.from_dict(config)
         with_projection = "visual_projection.weight" in tensors
         model = hf.abstract(lambda: CLIPVisionModelWithProjection(
             cfg, rngs=hf.ABSTRACT_RNGS, with_projection=with_projection))
-        return hf.load_into(model, tensors, lambda n: n.removeprefix("vision_model."), ignore)
+        return hf.load_into(model, tensors, lambda n: n.removeprefix("vision_model."), ignore,
+                            dtype=dtype)
     raise ValueError(f"clip.from_hf: model_type={model_type!r}; expected 'clip' or "
                      "'clip_vision_model'")

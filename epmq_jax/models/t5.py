@@ -462,7 +462,7 @@ _EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
 def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
-            dtype: Any = jnp.float32) -> T5ForConditionalGeneration:
+            dtype: Any = None) -> T5ForConditionalGeneration:
     """Builds a :class:`T5ForConditionalGeneration` from a transformers checkpoint.
 
     Args:
@@ -470,7 +470,7 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
       tensors: checkpoint tensors by transformers key (PyTorch layout: a Linear ``weight`` is
         ``(d_out, d_in)`` and becomes the Flax kernel ``(d_in, d_out)``). Without
         ``lm_head.weight`` the head is tied to ``shared``.
-      dtype: computation dtype (parameters are float32).
+      dtype: storage dtype of the parameters (None: float32); computation is float32.
 
     Raises:
       ValueError: a per-stack ``embed_tokens`` copy that differs from ``shared.weight``;
@@ -484,6 +484,6 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
             raise ValueError(f"T5 checkpoint: {alias} {np.shape(tensors[alias])} differs from "
                              "shared.weight; this model ties the stacks' embeddings to it")
     cfg = T5Config.from_hf(config, has_lm_head="lm_head.weight" in tensors)
-    model = hf.abstract(lambda: T5ForConditionalGeneration(cfg, dtype=dtype, rngs=hf.ABSTRACT_RNGS))
+    model = hf.abstract(lambda: T5ForConditionalGeneration(cfg, rngs=hf.ABSTRACT_RNGS))
     return hf.load_into(model, tensors, rename=lambda k: None if k in _EMBED_ALIASES else k,
-                        ignore=_IGNORED)
+                        ignore=_IGNORED, dtype=dtype)
