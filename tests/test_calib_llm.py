@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from test_models_llama import CASES, torch_model
+from test_models_llama import CASES, VOCAB, torch_model
 
 from epmq_jax._tree import leaves_with_paths
 from epmq_jax.calib import CalibConfig, Objective, calibrate, decoder_adapter
 from epmq_jax.calib.adapter import get_path
 from epmq_jax.models import from_pretrained
 from epmq_jax.quant import QuantSpec, is_quantized
-
-VOCAB = 96
 
 
 def calib_inputs(seed, n=6, seq=12):

@@ -6,7 +6,9 @@ its ``generate(do_sample=False)``.
 """
 
 import json
+from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,6 +118,18 @@ def test_greedy_generate_matches_torch(tmp_path, case):
     assert out.shape == (3, 18) and out.dtype == np.int32
     np.testing.assert_array_equal(out, ref)
 
+    compiles = []   # same shapes, other prompt and padding: no new compilation
+    listener = lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = np.asarray(model.generate(ids[[2, 0, 1]], mask[[2, 0, 1]], max_new_tokens=8))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    # a fresh reference: transformers' dynamic rope keeps the longest length seen across calls
+    fresh = torch_model(tmp_path, family, **overrides)
+    np.testing.assert_array_equal(again, torch_generate(fresh, ids[[2, 0, 1]], mask[[2, 0, 1]], 8))
+
 
 @pytest.mark.parametrize("pad", [5, None])
 def test_generate_stops_at_any_eos_and_pads(tmp_path, pad):
@@ -168,6 +182,34 @@ def test_tied_checkpoint_drops_a_stored_lm_head(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     model = from_pretrained(tmp_path)
     assert not hasattr(model, "lm_head")
+    ids, mask = padded_batch()
+    real = mask.astype(bool)
+    out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(out[real], torch_logits(ref_model, ids, mask)[real], atol=1e-4, rtol=0)
+
+
+class CountingMapping(Mapping):
+    """A read-on-access tensor mapping that counts the reads of each name."""
+
+    def __init__(self, tensors):
+        self.tensors, self.reads = tensors, {}
+
+    def __getitem__(self, name):
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return self.tensors[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+def test_lazy_tensor_mapping_is_read_once_per_tensor(tmp_path):
+    ref_model = torch_model(tmp_path, "qwen2")
+    lazy = CountingMapping(load_file(tmp_path / "model.safetensors"))
+    model = llama.from_hf(hf.load_config(tmp_path), lazy)
+    assert lazy.reads == dict.fromkeys(lazy.tensors, 1)
     ids, mask = padded_batch()
     real = mask.astype(bool)
     out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
