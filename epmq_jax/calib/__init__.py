@@ -9,6 +9,7 @@ from epmq_jax.calib.adapter import (
     capture_nnx,
     vit_adapter,
 )
+from epmq_jax.calib.adapters_llm import DecoderAdapter, decoder_adapter
 from epmq_jax.calib.adapters_t5 import T5Adapter, t5_adapter
 from epmq_jax.calib.driver import CalibConfig, CalibResult, calibrate
 from epmq_jax.calib.layer import epmq_layer
@@ -26,6 +27,8 @@ __all__ = [
     "capture_linen",
     "capture_nnx",
     "vit_adapter",
+    "DecoderAdapter",
+    "decoder_adapter",
     "T5Adapter",
     "t5_adapter",
     "Moments",

@@ -1,4 +1,4 @@
-"""Flax nnx model definitions (CLIP, BERT, T5) and loading of Hugging Face checkpoints."""
+"""Flax nnx model definitions (CLIP, BERT, T5, Llama-family decoders) and loading of Hugging Face checkpoints."""
 
 from epmq_jax.models.bert import BertConfig, BertModel, mean_pool
 from epmq_jax.models.clip import (
@@ -10,6 +10,7 @@ from epmq_jax.models.clip import (
     CLIPVisionModelWithProjection,
 )
 from epmq_jax.models.hf import CheckpointMismatchError, from_pretrained
+from epmq_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from epmq_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "CLIPVisionConfig",
     "CLIPVisionModelWithProjection",
     "from_pretrained",
+    "LlamaConfig",
+    "LlamaForCausalLM",
     "mean_pool",
     "T5Config",
     "T5ForConditionalGeneration",

@@ -47,6 +47,10 @@ FAMILIES: dict[str, str] = {
     "clip_vision_model": "epmq_jax.models.clip",
     "bert": "epmq_jax.models.bert",
     "t5": "epmq_jax.models.t5",
+    "llama": "epmq_jax.models.llama",
+    "mistral": "epmq_jax.models.llama",
+    "qwen2": "epmq_jax.models.llama",
+    "qwen3": "epmq_jax.models.llama",
 }
 
 #: Weight formats in order of preference: (format, single file, sharded index).
