@@ -160,7 +160,7 @@ def test_bfloat16_load_stays_close(tmp_path):
     real = mask.astype(bool)
     ref32 = torch_logits(ref_model, ids, mask)[real]
     ref16 = torch_logits(ref_model.to(torch.bfloat16), ids, mask)[real]
-    model = llama.from_hf(hf.load_config(tmp_path), hf.read_safetensors(tmp_path), dtype=jnp.bfloat16)
+    model = from_pretrained(tmp_path, dtype="bfloat16")
     kernel = model.model.layers[0].self_attn.q_proj.kernel[...]
     assert kernel.dtype == jnp.bfloat16
     out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[real]
