@@ -368,3 +368,38 @@ def test_hf_stream_batches_never_exceed_batch_size(tmp_path):
         assert total in (None, 23)
     with pytest.raises(ValueError, match="batch_size"):
         next(hf_stream.iter_batches(ds, ["label"], 0))
+
+
+# ----------------------------------------------------------------------------- GLUE
+
+
+def test_glue_prepare_streams_what_load_examples_reads(tmp_path, capsys):
+    from epmq_jax.data import glue
+
+    with pytest.raises(tfds_local.DatasetNotFoundError, match="offline"):
+        glue.prepare_from_hf("rte", tmp_path / "data")
+    repo = tmp_path / "glue"
+    yaml = ["---\nconfigs:\n- config_name: rte\n  data_files:"]
+    feats = datasets.Features({"sentence1": datasets.Value("string"),
+                               "sentence2": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),
+                               "idx": datasets.Value("int32")})
+    rows = {"train": 11, "validation": 5, "test": 3}
+    for split, k in rows.items():
+        datasets.Dataset.from_dict(
+            {"sentence1": [f"{split} premise {i} é" for i in range(k)],
+             "sentence2": [f"{split} hypothesis {i}" for i in range(k)],
+             "label": [-1] * k if split == "test" else [i % 2 for i in range(k)],
+             "idx": list(range(k))}, features=feats).to_parquet(
+                 repo / "rte" / f"{split}-00000-of-00001.parquet")
+        yaml.append(f"  - split: {split}\n    path: rte/{split}-*")
+    (repo / "README.md").write_text("\n".join(yaml) + "\n---\n")
+    capsys.readouterr()
+    glue.prepare_from_hf("rte", tmp_path / "data", source=repo, batch_size=4)
+    assert "glue/rte train" in capsys.readouterr().err
+    val = glue.load_examples("rte", None, tmp_path / "data")
+    assert list(val["sentence1"]) == [f"validation premise {i} é" for i in range(5)]
+    assert list(val["label"]) == [0, 1, 0, 1, 0]
+    assert len(glue.load_examples("rte", "train", tmp_path / "data")["label"]) == 11
+    with pytest.raises(ValueError, match="no split 'test'"):  # GLUE's hidden test is not kept
+        glue.load_examples("rte", "test", tmp_path / "data")
