@@ -347,6 +347,7 @@ def test_prepare_errors_are_clear_and_come_before_writing(tmp_path, monkeypatch)
     good = write_hub_repo(tmp_path / "good", {"train": (imgs, [1] * 30), "test": (imgs, [2] * 30)},
                           datasets.ClassLabel(num_classes=10))
     registry.prepare_from_hf("mnist", data_dir, source=good)
+    monkeypatch.setattr(hf_stream, "open_split", None)  # must not be reached
     with pytest.raises(FileExistsError, match="overwrite=True"):
         registry.prepare_from_hf("mnist", data_dir, source=good)
     # prepare_tasks prepares what is missing only (here: nothing, and it never goes online).
@@ -403,3 +404,5 @@ def test_glue_prepare_streams_what_load_examples_reads(tmp_path, capsys):
     assert len(glue.load_examples("rte", "train", tmp_path / "data")["label"]) == 11
     with pytest.raises(ValueError, match="no split 'test'"):  # GLUE's hidden test is not kept
         glue.load_examples("rte", "test", tmp_path / "data")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        glue.prepare_from_hf("rte", tmp_path / "data", source=repo)

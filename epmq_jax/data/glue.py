@@ -285,6 +285,7 @@ def prepare_from_hf(task: GlueTask | str, data_dir: str | os.PathLike, *,
     Raises:
       epmq_jax.data.tfds_local.DatasetNotFoundError: Hugging Face is set offline
         (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) and ``source`` is a hub id, at once.
+      FileExistsError: already prepared and ``overwrite`` is False (before anything is read).
       ValueError: a split or column missing in the source.
       ImportError: the ``datasets`` package is missing.
     """
@@ -296,6 +297,9 @@ def prepare_from_hf(task: GlueTask | str, data_dir: str | os.PathLike, *,
     task = get_task(task) if isinstance(task, str) else task
     src = os.fspath(source) if source is not None else "nyu-mll/glue"
     hf_stream.check_reachable(src, f"GLUE {task.name}")
+    if tfds_local.dataset_exists(task.name, Path(data_dir) / "glue") and not overwrite:
+        raise FileExistsError(f"GLUE {task.name} is already prepared under {Path(data_dir)}/glue; "
+                              f"pass overwrite=True to replace it.")
     splits = (task.train_split, task.eval_split)
     opened = {s: hf_stream.open_split(src, s, config=task.name, streaming=streaming,
                                       revision=revision) for s in splits}

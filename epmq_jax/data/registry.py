@@ -415,6 +415,9 @@ def prepare_from_hf(task: str, data_dir: str | os.PathLike, *,
     hf = spec.hf
     src = os.fspath(source) if source is not None else hf.repo
     hf_stream.check_reachable(src, f"task '{spec.name}'")
+    if dataset_exists(local_name(spec.name), data_dir) and not overwrite:
+        raise FileExistsError(f"Task '{spec.name}' is already prepared under {Path(data_dir)} "
+                              f"({local_name(spec.name)}); pass overwrite=True to replace it.")
     opened = {split: hf_stream.open_split(src, name, config=hf.config, streaming=streaming,
                                           revision=revision)
               for split, name in hf.splits.items()}  # every split exists, before any writing
