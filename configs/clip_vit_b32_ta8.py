@@ -14,10 +14,19 @@ Command::
 
 A smoke run in minutes: add ``--config.eval.limit=64 --config.calib.n_per_task=8``.
 
-It needs the 9 checkpoints (hub or HF cache) and the 8 data sets under ``data.data_dir``:
-``tfds build <name> --file_format=array_record``, or
-``epmq_jax.data.registry.prepare_from_hf(task, data_dir)`` (FusionBench's Hugging Face copies;
-GTSRB has no tfds builder), as colab/paper_clip_vit_b32.ipynb does.
+It needs the 9 checkpoints (hub or HF cache) and the 8 data sets under ``data.data_dir``.
+Data: the Hugging Face datasets FusionBench evaluates on, with their own train (calibration)
+and test (evaluation) splits: ``tanganke/sun397``, ``tanganke/stanford_cars``,
+``tanganke/resisc45``, ``tanganke/eurosat``, ``ufldl-stanford/svhn`` (config
+``cropped_digits``), ``tanganke/gtsrb``, ``ylecun/mnist``, ``tanganke/dtd``. Prepare them once,
+where there is network (streamed batch by batch, fits a 12 GB Colab runtime)::
+
+    python -c "from epmq_jax.data import registry; registry.prepare_tasks(registry.TASKS_8, '$TFDS_DATA_DIR')"
+
+as colab/paper_clip_vit_b32.ipynb does. Nothing is carved from a test split; the
+``validation`` split (read only when ``merge.scaling`` is None) is a seeded 10% draw of train,
+as FusionBench's val configs draw theirs (epmq_jax/data/registry.py has the details and the
+tfds alternative for the tasks whose tfds builder works).
 
 Expected runtime on one A100/H100 GPU or a TPU v4-8 host: about 40 minutes (an estimate from
 the layer shapes; not measured here, the project is developed on CPU). Calibration takes a few
@@ -60,9 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.tasks = TASKS_8
-    cfg.data.data_dir = ""  # tensorflow-datasets data_dir ("" = tfds default)
-    cfg.data.calib_split = "train"
-    cfg.data.eval_split = "test"
+    cfg.data.data_dir = ""  # prepared task data (registry.prepare_tasks); "" = ~/tensorflow_datasets
+    cfg.data.calib_split = "train"  # the source's train split
+    cfg.data.eval_split = "test"  # the source's test split (FusionBench's test config)
     cfg.data.image_size = 224
 
     cfg.merge = ml_collections.ConfigDict()

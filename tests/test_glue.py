@@ -242,30 +242,3 @@ def test_evaluate_glue_end_to_end_with_a_scripted_model(tmp_path):
     limited = metrics.evaluate_glue(generate, tokenize, decode, ["sst2"], tmp_path,
                                     max_length=200, batch_size=2, limit=2)
     assert limited["sst2"]["n"] == 2 and limited["sst2"]["accuracy"] == 1.0
-
-
-def test_prepare_from_hf_writes_what_load_examples_reads(tmp_path, monkeypatch):
-    import sys
-    import types
-
-    from epmq_jax.data.tfds_local import DatasetNotFoundError
-
-    with pytest.raises(DatasetNotFoundError, match="offline"):  # conftest sets HF offline
-        data.prepare_from_hf("rte", tmp_path)
-    calls = []
-
-    def load_dataset(path, name):
-        calls.append((path, name))
-        part = lambda k: {"sentence1": [f"t{i}" for i in range(k)],
-                          "sentence2": [f"h{i}" for i in range(k)], "label": [i % 2 for i in range(k)],
-                          "idx": list(range(k))}
-        return {"train": part(4), "validation": part(3), "test": {**part(2), "label": [-1, -1]}}
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    data.prepare_from_hf("rte", tmp_path)
-    assert calls == [("nyu-mll/glue", "rte")]
-    val = data.load_examples("rte", None, tmp_path)
-    assert list(val["sentence2"]) == ["h0", "h1", "h2"] and list(val["label"]) == [0, 1, 0]
-    assert len(data.load_examples("rte", "train", tmp_path)["label"]) == 4

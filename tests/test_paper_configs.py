@@ -16,6 +16,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER = {
     "clip_vit_b32_ta8": (("65.0", "73.6"), "openai/clip-vit-base-patch32", 8, "ta"),
     "clip_vit_b32_ties8": (("69.1", "74.8"), "openai/clip-vit-base-patch32", 8, "ties"),
+    "clip_vit_b32_ta14": ((), "openai/clip-vit-base-patch32", 14, "ta"),
     "clip_vit_l14_ta20": (("34.8", "76.7"), "openai/clip-vit-large-patch14", 20, "ta"),
     "flan_t5_base_glue": (("78.26", "83.34"), "google/flan-t5-base", 8, "ta"),
 }

@@ -311,8 +311,8 @@ def test_t5_run_writes_rows_and_checkpoints_reload(t5_setup, tmp_path):
         stages.merge_method(ctx, mp, tp, "ta", mp.calibration_inputs)
 
 
-@pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "clip_vit_b32_ties8", "clip_vit_l14_ta20",
-                                    "flan_t5_base_glue"])
+@pytest.mark.parametrize("config", ["clip_vit_b32_ta8", "clip_vit_b32_ties8", "clip_vit_b32_ta14",
+                                    "clip_vit_l14_ta20", "flan_t5_base_glue"])
 def test_every_subcommand_takes_every_paper_config(config, clip_setup, t5_setup, tmp_path, capsys):
     """`epmq run`, `merge`, `quantize` and `eval` on each paper config file, its pools pointed at the
     tiny stand-ins by command-line overrides (as a user would point them at local checkpoints)."""

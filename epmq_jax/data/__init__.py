@@ -1,9 +1,11 @@
 """Task data: local tfds datasets, the task registry, calibration sampling.
 
 Submodules:
-- ``tfds_local``: write in-memory arrays as a prepared array_record tfds dataset and read splits
-  back as NumPy arrays (no TensorFlow, no network).
-- ``registry``: task name -> tfds name, splits, keys, class count; loads a task's split.
+- ``tfds_local``: write a prepared array_record tfds dataset batch by batch (or from in-memory
+  arrays) and read splits back as NumPy arrays (no TensorFlow, no network).
+- ``registry``: task name -> FusionBench's Hugging Face dataset (and a tfds option), class count;
+  streams a task into the local store; loads a task's split.
+- ``hf_stream``: reads a Hugging Face split in batches (streaming or memory-mapped).
 - ``calibration``: seeded calibration samples (n per task, without replacement, train split).
 - ``glue``: GLUE as text-to-text for T5. ``offline_suite``: the offline 8-task image suite.
 
@@ -18,6 +20,7 @@ from typing import Any
 
 _EXPORTS = {
     "DatasetNotFoundError": "tfds_local",
+    "DatasetWriter": "tfds_local",
     "write_local_dataset": "tfds_local",
     "load_split": "tfds_local",
     "open_split": "tfds_local",
@@ -29,6 +32,7 @@ _EXPORTS = {
     "load_task_split": "registry",
     "prepare_from_image_folder": "registry",
     "prepare_from_hf": "registry",
+    "prepare_tasks": "registry",
     "calibration_indices": "calibration",
     "sample_calibration": "calibration",
 }

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from epmq_jax.data.registry import load_task_split, resolve_task
-from epmq_jax.data.tfds_local import open_split
+from epmq_jax.data.registry import load_task_split, resolve_task, split_size
 
 
 def calibration_indices(num_examples: int, n: int, *, seed: int = 0, task: str = "") -> np.ndarray:
@@ -44,7 +43,7 @@ def sample_calibration(tasks: Sequence[str], n: int, data_dir: str | os.PathLike
     Args:
       tasks: registry task names (see ``epmq_jax.data.registry``).
       n: examples per task.
-      data_dir: the tfds data directory.
+      data_dir: the data directory holding the prepared tasks (``epmq_jax.data.registry``).
       seed: the run's seed (see :func:`calibration_indices`).
       split: the split to sample (``"train"``: calibration never sees test data).
 
@@ -53,14 +52,11 @@ def sample_calibration(tasks: Sequence[str], n: int, data_dir: str | os.PathLike
 
     Raises:
       DatasetNotFoundError: a task's data are not prepared (before anything is read).
-      ValueError: ``n`` larger than a task's split.
+      ValueError: a task without ``split``; ``n`` larger than a task's split.
     """
-    sources = {t: resolve_task(t, data_dir) for t in tasks}  # fail fast on any missing task
-    out = {}
-    for t, src in sources.items():
-        if split not in src.splits:
-            raise ValueError(f"Task '{t}' has no split '{split}'; it has {sorted(src.splits)}.")
-        size = len(open_split(src.dataset, src.splits[split], data_dir))
-        out[t] = load_task_split(t, split, data_dir,
-                                 indices=calibration_indices(size, n, seed=seed, task=t))
-    return out
+    for t in tasks:  # fail fast on any missing task or split, before reading anything
+        resolve_task(t, data_dir)
+    sizes = {t: split_size(t, split, data_dir) for t in tasks}
+    return {t: load_task_split(t, split, data_dir,
+                               indices=calibration_indices(size, n, seed=seed, task=t))
+            for t, size in sizes.items()}

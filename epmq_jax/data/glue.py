@@ -263,38 +263,59 @@ def calibration_inputs(task: GlueTask | str, data_dir: str | os.PathLike, n: int
 
 
 def prepare_from_hf(task: GlueTask | str, data_dir: str | os.PathLike, *,
+                    source: str | os.PathLike | None = None, revision: str | None = None,
+                    streaming: bool = True, batch_size: int = 1024,
                     overwrite: bool = False) -> Path:
-    """Downloads a GLUE task from Hugging Face (``nyu-mll/glue``, online only) as a local tfds
-    dataset ``data_dir/glue/<task>``, the layout :func:`load_examples` reads (no TensorFlow).
+    """Streams a GLUE task from Hugging Face (``nyu-mll/glue``) into a local tfds dataset
+    ``data_dir/glue/<task>``, the layout :func:`load_examples` reads (no TensorFlow).
 
     Keeps the task's text fields and ``label`` of the ``train`` split and of its evaluation
-    split (GLUE's test labels are hidden, so ``test`` is not kept).
+    split (GLUE's test labels are hidden, so ``test`` is not kept). Rows are read and written
+    ``batch_size`` at a time with a progress bar; no split is held in memory.
+
+    Args:
+      task: task or name.
+      data_dir: the data directory (the dataset goes to ``data_dir/glue/<task>/1.0.0``).
+      source: another hub id or a local copy in the hub's layout (config ``task.name``), or a
+        ``save_to_disk`` folder; default ``nyu-mll/glue``.
+      revision: hub revision to pin. streaming: stream instead of caching each split first.
+      batch_size: rows per batch. overwrite: replace an existing dataset once the new one is
+        complete.
 
     Raises:
       epmq_jax.data.tfds_local.DatasetNotFoundError: Hugging Face is set offline
-        (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``), at once.
+        (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) and ``source`` is a hub id, at once.
+      FileExistsError: already prepared and ``overwrite`` is False (before anything is read).
+      ValueError: a split or column missing in the source.
       ImportError: the ``datasets`` package is missing.
     """
-    from epmq_jax.data import tfds_local
+    import tensorflow_datasets as tfds
+    from tqdm.auto import tqdm
+
+    from epmq_jax.data import hf_stream, tfds_local
 
     task = get_task(task) if isinstance(task, str) else task
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        raise tfds_local.DatasetNotFoundError(
-            f"Cannot fetch GLUE {task.name} from Hugging Face: it is set offline "
-            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). Prepare it where there is network.")
-    try:
-        import datasets as hf_datasets
-    except ImportError as e:
-        raise ImportError("prepare_from_hf needs the `datasets` package: pip install datasets") from e
-    ds = hf_datasets.load_dataset("nyu-mll/glue", task.name)
-    splits = {}
-    for split in (task.train_split, task.eval_split):
-        part = ds[split]
-        splits[split] = {**{f: [str(x) for x in part[f]] for f in task.fields},
-                         "label": np.asarray(part["label"],
-                                             np.float32 if task.is_regression else np.int64)}
-    return tfds_local.write_local_dataset(
-        task.name, Path(data_dir) / "glue", splits,
-        num_classes=None if task.is_regression else {"label": len(task.label_words)},
-        description=f"GLUE {task.name} from Hugging Face nyu-mll/glue", overwrite=overwrite)
+    src = os.fspath(source) if source is not None else "nyu-mll/glue"
+    hf_stream.check_reachable(src, f"GLUE {task.name}")
+    if tfds_local.dataset_exists(task.name, Path(data_dir) / "glue") and not overwrite:
+        raise FileExistsError(f"GLUE {task.name} is already prepared under {Path(data_dir)}/glue; "
+                              f"pass overwrite=True to replace it.")
+    splits = (task.train_split, task.eval_split)
+    opened = {s: hf_stream.open_split(src, s, config=task.name, streaming=streaming,
+                                      revision=revision) for s in splits}
+    label = (tfds.features.Tensor(shape=(), dtype=np.float32) if task.is_regression else
+             tfds.features.ClassLabel(num_classes=len(task.label_words)))
+    features = {**{f: tfds.features.Text() for f in task.fields}, "label": label}
+    columns = [*task.fields, "label"]
+    with tfds_local.DatasetWriter(task.name, Path(data_dir) / "glue", features, splits,
+                                  description=f"GLUE {task.name} from Hugging Face {src}",
+                                  overwrite=overwrite) as writer:
+        for split, (ds, total) in opened.items():
+            with tqdm(total=total, desc=f"glue/{task.name} {split}", unit="ex") as bar:
+                for batch in hf_stream.iter_batches(ds, columns, batch_size):
+                    n = len(batch["label"])
+                    writer.add(split, [{c: (float(batch[c][i]) if task.is_regression else
+                                            int(batch[c][i])) if c == "label" else str(batch[c][i])
+                                        for c in columns} for i in range(n)])
+                    bar.update(n)
+    return writer.out

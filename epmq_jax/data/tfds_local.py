@@ -2,23 +2,29 @@
 
 Two directions:
 
-- :func:`write_local_dataset` turns in-memory NumPy arrays (uint8 HWC images, integer labels,
-  strings, other numeric arrays) into a prepared tfds dataset under ``data_dir``, through a
-  ``tfds.core.GeneratorBasedBuilder`` subclass made for that dataset name. Images are stored
-  PNG-encoded (lossless; encoded with PIL, so TensorFlow is not needed) in ``tfds.features.Image``,
-  exactly as tfds' own image datasets store them, so one reader serves both.
+- :class:`DatasetWriter` writes a prepared tfds dataset under ``data_dir`` batch by batch
+  (``tfds.core.SequentialWriter``: memory holds one batch, never a split), and
+  :func:`write_local_dataset` does it for in-memory NumPy columns (uint8 HWC images, integer
+  labels, strings, other numeric arrays). Images live in ``tfds.features.Image``, exactly as
+  tfds' own image datasets store them, so one reader serves both: arrays are PNG-encoded with PIL
+  (lossless, no TensorFlow), and JPEG/PNG bytes from a source are stored as they are
+  (:func:`storable_image_bytes`).
 - :func:`open_split` / :func:`load_split` read a split of any prepared array_record dataset
   under ``data_dir`` (written here, or built elsewhere with
   ``tfds build NAME --file_format=array_record``) through ``tfds`` data sources: random access,
   no TensorFlow.
 
+Why this store (and not, say, the Hugging Face Arrow cache): it is what ``tfds build`` writes,
+so tfds-built and locally prepared data share one reader; array_record gives random access by
+index (calibration samples, batched evaluation) without holding a split in memory; and reading
+needs neither TensorFlow nor the ``datasets`` package.
+
 Nothing here touches the network: a dataset that is not on disk raises
 :class:`DatasetNotFoundError` at once, naming the directory that was searched.
 
 Layout on disk (tfds' own): ``data_dir/NAME[/CONFIG]/VERSION/{dataset_info.json,
-features.json, NAME-SPLIT.array_record-00000-of-0000N}``.
+features.json, NAME-SPLIT.array_record-000NN[-of-000MM]}``.
 """
-
 from __future__ import annotations
 
 import io
@@ -26,7 +32,6 @@ import os
 import re
 import shutil
 import tempfile
-import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ Column = np.ndarray | Sequence[Any]
 SplitData = Mapping[str, Column]
 DEFAULT_VERSION = "1.0.0"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 _READ_CHUNK = 1024
 
 
@@ -49,7 +55,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def image_feature(channels: int = 3) -> tfds.features.Image:
-    """A tfds Image feature for uint8 ``(H, W, channels)`` images of any size, stored as PNG."""
+    """A tfds Image feature for uint8 ``(H, W, channels)`` images of any size.
+
+    Arrays written through it are PNG-encoded (lossless); already encoded JPEG/PNG bytes are
+    stored as they are (see :func:`storable_image_bytes`). Both decode to ``(H, W, channels)``.
+    """
     return tfds.features.Image(shape=(None, None, channels), encoding_format="png")
 
 
@@ -63,6 +73,31 @@ def _png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     PILImage.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def storable_image_bytes(data: bytes) -> bytes:
+    """Encoded image bytes that an RGB :func:`image_feature` stores and decodes to uint8 (H, W, 3).
+
+    JPEG and PNG files in mode ``RGB`` or ``L`` (grey: replicated to 3 channels on reading) are
+    returned unchanged, so a JPEG is never re-compressed and a PNG never re-encoded. Anything
+    else (palette or RGBA PNGs, CMYK JPEGs, 16-bit or 1-bit images, other formats) is decoded,
+    converted to RGB and PNG-encoded, since reading it as stored would give a wrong array.
+    Only the header is parsed for the check.
+
+    Raises:
+      ValueError: the bytes are not an image PIL can open.
+    """
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            if im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L"):
+                return data
+            return _png_bytes(np.asarray(im.convert("RGB"), np.uint8))
+    except UnidentifiedImageError as e:
+        raise ValueError(f"Not an image file PIL can read ({len(data)} bytes, starting "
+                         f"{data[:8]!r}).") from e
 
 
 def _infer_feature(key: str, column: Column, num_classes: int | None) -> Any:
@@ -87,8 +122,6 @@ def _check_splits(splits: Mapping[str, SplitData]) -> list[str]:
         raise ValueError("splits is empty: give at least one split, e.g. {'train': {...}}.")
     keys = None
     for split, cols in splits.items():
-        if not re.fullmatch(r"[a-zA-Z0-9_]+", split):
-            raise ValueError(f"Split name {split!r} must be alphanumeric/underscore.")
         if not cols:
             raise ValueError(f"Split '{split}' has no columns.")
         if keys is None:
@@ -104,33 +137,117 @@ def _check_splits(splits: Mapping[str, SplitData]) -> list[str]:
     return keys
 
 
-def _make_builder_class(name: str, version: str, features: Any, splits: Mapping[str, SplitData],
-                        description: str) -> type:
-    image_keys = {k for k, f in features.items() if isinstance(f, tfds.features.Image)}
+class DatasetWriter:
+    """Writes a prepared tfds dataset (array_record) split by split, one batch at a time.
 
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, description=description,
-                                     features=tfds.features.FeaturesDict(features),
-                                     disable_shuffling=True)
+    Memory holds one batch, never a split: each :meth:`add` serializes its examples and appends
+    them to the split's current array_record shard (``tfds.core.SequentialWriter``). Everything
+    is written into a hidden folder beside ``data_dir`` and moved to
+    ``data_dir/name/version`` only when the ``with`` block ends without an error, so an
+    interrupted preparation never leaves a dataset that looks complete.
 
-    def _split_generators(self, dl_manager):
-        return {s: self._generate_examples(s) for s in splits}
+    Example::
 
-    def _generate_examples(self, split):
-        cols = splits[split]
-        for i in range(len(next(iter(cols.values())))):
-            yield i, {k: _png_bytes(v[i]) if k in image_keys else
-                      (v[i].item() if isinstance(v[i], np.generic) else v[i])
-                      for k, v in cols.items()}
+        with DatasetWriter("epmq_mnist", data_dir, {"image": image_feature(),
+                           "label": tfds.features.ClassLabel(num_classes=10)},
+                           splits=["train", "test"]) as w:
+            for batch in batches:          # lists of {"image": bytes or array, "label": int}
+                w.add("train", batch)
 
-    def body(ns):
-        ns.update(name=name, VERSION=tfds.core.Version(version), _info=_info,
-                  _split_generators=_split_generators, _generate_examples=_generate_examples,
-                  __module__=__name__, code_path=None)  # no source dir: no checksums to look up
+    Args:
+      name: dataset name, lowercase snake case (``"epmq_sun397"``); it is tfds' name too.
+      data_dir: the tfds data directory.
+      features: tfds FeatureConnector per column. ``Image`` columns take encoded image bytes
+        (stored as they are) or uint8 ``(H, W, C)`` arrays (PNG-encoded with PIL).
+      splits: the split names; every split must get at least one example.
+      version: tfds version string.
+      description: stored in ``dataset_info.json``.
+      overwrite: replace an existing dataset of that name and version (only once the new one is
+        complete); otherwise an existing one raises ``FileExistsError`` at construction.
+      examples_per_shard: examples per array_record file.
 
-    # skip_registration: one class per call, without clashing in tfds' global registry.
-    return types.new_class(f"LocalDataset_{name}", (tfds.core.GeneratorBasedBuilder,),
-                           {"skip_registration": True}, body)
+    Raises:
+      ValueError: a bad dataset or split name. FileExistsError: see ``overwrite``.
+    """
+
+    def __init__(self, name: str, data_dir: str | os.PathLike, features: Mapping[str, Any],
+                 splits: Sequence[str], *, version: str = DEFAULT_VERSION, description: str = "",
+                 overwrite: bool = False, examples_per_shard: int = 10_000):
+        if not _NAME_RE.match(name):
+            raise ValueError(f"Dataset name {name!r} must be lowercase snake case "
+                             f"([a-z][a-z0-9_]*).")
+        bad = [s for s in splits if not re.fullmatch(r"[a-zA-Z0-9_]+", s)]
+        if bad or not splits:
+            raise ValueError(f"Split names {list(splits)} must be non-empty and "
+                             f"alphanumeric/underscore.")
+        self.out = Path(data_dir) / name / version
+        if self.out.exists() and not overwrite:
+            raise FileExistsError(f"Dataset '{name}' version {version} already exists at "
+                                  f"{self.out}; pass overwrite=True to replace it.")
+        self._name, self._version, self._splits = name, version, list(splits)
+        self._description, self._examples_per_shard = description, examples_per_shard
+        self._features = tfds.features.FeaturesDict(dict(features))
+        self._image_keys = {k for k, f in features.items() if isinstance(f, tfds.features.Image)}
+        self._data_dir = Path(data_dir)
+        self._tmp: Path | None = None
+        self._writer: Any = None
+        self.counts: dict[str, int] = {}
+
+    def __enter__(self) -> DatasetWriter:
+        from tensorflow_datasets.core import dataset_info
+
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        # Beside data_dir/name, so the final move is a rename on one file system, and outside it,
+        # so dataset_dir() never mistakes the half-written folder for a version.
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._name}-incomplete-", dir=self._data_dir))
+        try:
+            info = dataset_info.DatasetInfo(
+                builder=dataset_info.DatasetIdentity(name=self._name, version=self._version,
+                                                     data_dir=os.fspath(self._tmp), module_name=""),
+                description=self._description, features=self._features, disable_shuffling=True)
+            self._writer = tfds.core.SequentialWriter(
+                info, max_examples_per_shard=self._examples_per_shard, file_format="array_record")
+            self._writer.initialize_splits(self._splits)
+        except BaseException:
+            shutil.rmtree(self._tmp)
+            raise
+        self.counts = {s: 0 for s in self._splits}
+        return self
+
+    def add(self, split: str, examples: Sequence[Mapping[str, Any]]) -> None:
+        """Appends examples (dicts with every feature's column) to ``split``, in order."""
+        if self._writer is None:
+            raise RuntimeError("DatasetWriter.add outside its `with` block.")
+        if split not in self.counts:
+            raise ValueError(f"Split '{split}' was not declared; the writer has {self._splits}.")
+        self._writer.add_examples({split: [{k: self._value(k, v) for k, v in ex.items()}
+                                           for ex in examples]})
+        self.counts[split] += len(examples)
+
+    def _value(self, key: str, value: Any) -> Any:
+        if key in self._image_keys and isinstance(value, np.ndarray):
+            return _png_bytes(value)
+        return value.item() if isinstance(value, np.generic) else value
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                empty = [s for s, n in self.counts.items() if n == 0]
+                if empty:
+                    raise ValueError(f"Dataset '{self._name}': split(s) {empty} got no examples.")
+                self._writer.close_all()
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+                old = None
+                if self.out.exists():  # overwrite: swap in the new one, then drop the old
+                    old = self._tmp.with_name(self._tmp.name + "-old")
+                    self.out.rename(old)
+                self._tmp.rename(self.out)
+                if old is not None:
+                    shutil.rmtree(old)
+        finally:
+            self._writer = None
+            if self._tmp.exists():
+                shutil.rmtree(self._tmp)
 
 
 def write_local_dataset(name: str, data_dir: str | os.PathLike,
@@ -140,6 +257,9 @@ def write_local_dataset(name: str, data_dir: str | os.PathLike,
                         version: str = DEFAULT_VERSION, description: str = "",
                         overwrite: bool = False) -> Path:
     """Writes in-memory arrays as a prepared tfds dataset (array_record) under ``data_dir``.
+
+    A convenience over :class:`DatasetWriter` for data that already sit in memory (tests, the
+    offline suite); large sources should stream batches into a :class:`DatasetWriter` instead.
 
     Args:
       name: dataset name, lowercase snake case (``"offline_shapes"``); it is tfds' name too.
@@ -167,26 +287,18 @@ def write_local_dataset(name: str, data_dir: str | os.PathLike,
       ValueError: a bad name, empty or inconsistent splits, a column whose feature cannot be
         inferred. FileExistsError: the dataset exists and ``overwrite`` is False.
     """
-    if not _NAME_RE.match(name):
-        raise ValueError(f"Dataset name {name!r} must be lowercase snake case ([a-z][a-z0-9_]*).")
     keys = _check_splits(splits)
-    data_dir = Path(data_dir)
-    out = data_dir / name / version
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"Dataset '{name}' version {version} already exists at {out}; "
-                                  f"pass overwrite=True to replace it.")
-        shutil.rmtree(out)
     first = next(iter(splits.values()))
     feats = {k: (features or {}).get(k) or _infer_feature(k, first[k], (num_classes or {}).get(k))
              for k in keys}
-    cls = _make_builder_class(name, version, feats, splits, description)
-    builder = cls(data_dir=os.fspath(data_dir), file_format="array_record")
-    with tempfile.TemporaryDirectory() as tmp:
-        builder.download_and_prepare(
-            download_dir=tmp,
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return out
+    with DatasetWriter(name, data_dir, feats, list(splits), version=version,
+                       description=description, overwrite=overwrite) as writer:
+        for split, cols in splits.items():
+            n = len(cols[keys[0]])
+            for start in range(0, n, _READ_CHUNK):
+                writer.add(split, [{k: cols[k][i] for k in keys}
+                                   for i in range(start, min(n, start + _READ_CHUNK))])
+    return writer.out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -213,7 +325,7 @@ def dataset_dir(name: str, data_dir: str | os.PathLike, version: str | None = No
     version = version or v
     root = Path(data_dir) / base
     candidates = ([root / version] if version else
-                  sorted((p for p in root.glob("*") if p.is_dir()),
+                  sorted((p for p in root.glob("*") if p.is_dir() and _VERSION_RE.match(p.name)),
                          key=lambda p: tuple(int(x) if x.isdigit() else -1
                                              for x in p.name.split("."))))
     found = [p for p in candidates if (p / "dataset_info.json").is_file()]

@@ -270,14 +270,11 @@ def clip_accuracy(graphdef: Any, params: Params, head: np.ndarray, task: str, sp
       limit: score only the first ``limit`` examples (quick checks).
       sharding: optional ``NamedSharding`` splitting each batch over devices.
     """
-    from epmq_jax.data import registry, tfds_local
+    from epmq_jax.data import registry
     from epmq_jax.models.preprocess import preprocess_images
     from epmq_jax.models.zeroshot import classify
 
-    src = registry.resolve_task(task, data_dir)
-    if split not in src.splits:
-        raise ValueError(f"Task '{task}' has no split '{split}'; it has {sorted(src.splits)}")
-    n = len(tfds_local.open_split(src.dataset, src.splits[split], data_dir))
+    n = registry.split_size(task, split, data_dir)
     n = n if limit is None else min(n, int(limit))
     if n == 0:
         raise ValueError(f"Task '{task}' split '{split}' under {data_dir} is empty")
