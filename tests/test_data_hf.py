@@ -75,10 +75,10 @@ def test_14_task_config_is_fusion_bench_tall14():
     cfg = load_config(CONFIGS / "clip_vit_b32_ta14.py")
     assert cfg.name == "clip_vit_b32_ta14"
     assert tuple(cfg.data.tasks) == templates.TASKS_14 and len(templates.TASKS_14) == 14
-    assert set(cfg.model.experts) == set(templates.TASKS_14)
-    assert cfg.model.experts["oxford_iiit_pet"] == "tanganke/clip-vit-base-patch32_oxford-iiit-pet"
-    assert cfg.model.experts["pcam"] == "tanganke/clip-vit-base-patch32_pcam"
-    assert cfg.model.base == "openai/clip-vit-base-patch32"
+    assert set(cfg.model_pool.experts) == set(templates.TASKS_14)
+    assert cfg.model_pool.experts["oxford_iiit_pet"] == "tanganke/clip-vit-base-patch32_oxford-iiit-pet"
+    assert cfg.model_pool.experts["pcam"] == "tanganke/clip-vit-base-patch32_pcam"
+    assert cfg.model_pool.base == "openai/clip-vit-base-patch32"
     doc = (CONFIGS / "clip_vit_b32_ta14.py").read_text().split('"""')[1]
     assert "epmq run --config configs/clip_vit_b32_ta14.py" in doc
     for name in ("clip_vit_b32_ta8", "clip_vit_b32_ta14", "clip_vit_l14_ta20"):
