@@ -187,35 +187,70 @@ def _words(b: np.ndarray) -> np.ndarray:
     return w.view(np.int32)
 
 
-def export_safetensors(tree: Any, file: str | os.PathLike) -> Path:
+def _export_names(path: str, leaf: Any) -> list[str]:
+    if not is_quantized(leaf):
+        return [path]
+    fields = ("qweight", "qzeros", "scales", "g_idx") + (
+        ("input_scale",) if leaf.input_scale is not None else ())
+    return [f"{path}.{f}" for f in fields]
+
+
+def export_safetensors(tree: Any, file: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Writes a param tree to one safetensors file with GPTQ-style packed tensors.
 
     Args:
       tree: nested dicts / ``nnx.State`` of arrays and ``QuantizedWeight`` s.
-      file: the ``.safetensors`` file to write (atomically replaced).
+      file: the ``.safetensors`` file to write (written to a temporary file beside it, then
+        renamed into place; the temporary file is removed on any error).
+      overwrite: replace ``file`` if it exists.
 
     Returns:
       The file path. Naming and layout: see this module's docstring.
+
+    Raises:
+      ValueError: before anything is written: ``file`` is a directory, exists (without
+        ``overwrite``) or its directory does not; two leaves would export a tensor of the
+        same name (e.g. a leaf ``"a.qweight"`` beside a quantized ``"a"``).
     """
     from safetensors.numpy import save_file
 
     from epmq_jax.quant import pack_codes
 
+    file = Path(file)
+    if file.is_dir():
+        raise ValueError(f"file: {file} is a directory; expected the path of a .safetensors file")
+    if file.exists() and not overwrite:
+        raise ValueError(f"file: {file} exists; pass overwrite=True to replace it")
+    if not file.parent.is_dir():
+        raise ValueError(f"file: directory {file.parent} does not exist")
+    leaves = leaves_with_paths(tree, is_leaf=is_quantized)
+    source: dict[str, str] = {}
+    for path, leaf in leaves:
+        for name in _export_names(path, leaf):
+            if name in source:
+                raise ValueError(f"tree: leaves {source[name]!r} and {path!r} both export the "
+                                 f"tensor {name!r}")
+            source[name] = path
+
     tensors, meta = {}, {}
-    for path, leaf in leaves_with_paths(tree, is_leaf=is_quantized):
+    for path, leaf in leaves:
         if not is_quantized(leaf):
             tensors[path] = np.asarray(leaf)
             continue
         meta[path] = _meta(leaf)
-        tensors[f"{path}.qweight"] = _words(np.asarray(leaf.packed))
         zeros = np.asarray(leaf.zeros).astype(np.uint8)               # (n_groups, d_out)
-        tensors[f"{path}.qzeros"] = _words(np.asarray(pack_codes(zeros.T, leaf.bits))).T.copy()
-        tensors[f"{path}.scales"] = np.asarray(leaf.scales, np.float32)
-        tensors[f"{path}.g_idx"] = np.asarray(leaf.g_idx, np.int32)
-        if leaf.input_scale is not None:
-            tensors[f"{path}.input_scale"] = np.asarray(leaf.input_scale, np.float32)
-    file = Path(file)
+        tensors.update(zip(_export_names(path, leaf), [
+            _words(np.asarray(leaf.packed)),
+            _words(np.asarray(pack_codes(zeros.T, leaf.bits))).T,
+            np.asarray(leaf.scales, np.float32),
+            np.asarray(leaf.g_idx, np.int32),
+            *([np.asarray(leaf.input_scale, np.float32)] if leaf.input_scale is not None else [])]))
     tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex}.tmp")
-    save_file(tensors, str(tmp), metadata={"epmq_jax": json.dumps(meta)})
-    os.replace(tmp, file)
+    try:       # safetensors writes an array's memory as it lies: C order only
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                  metadata={"epmq_jax": json.dumps(meta)})
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return file

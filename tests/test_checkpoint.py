@@ -2,6 +2,7 @@
 read back with an independent NumPy unpacker."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +124,55 @@ def test_export_safetensors_gptq_layout(tmp_path):
     codes = np.asarray(tree["params"]["fc1"]["kernel"].codes()).astype(np.int64)
     word0 = sum(codes[i, 0] << (4 * i) for i in range(8))
     assert t[k + ".qweight"][0, 0] == np.int64(word0).astype(np.uint32).view(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# export_safetensors: collisions, existing paths, no temp files, C order.
+
+def test_export_refuses_two_leaves_exporting_one_tensor(tmp_path):
+    q = rtn(jnp.ones((8, 4)), QuantSpec(bits=4, group_size=-1))
+    for tree, names in [({"a": q, "a.qweight": jnp.ones(3)}, ("a", "a.qweight")),
+                        ({"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}, ("a/b", "a/b"))]:
+        with pytest.raises(ValueError, match=rf"^tree: leaves '{names[0]}' and '{names[1]}' both "
+                                             "export the tensor"):
+            checkpoint.export_safetensors(tree, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_directories_and_existing_files(tmp_path, monkeypatch):
+    tree = {"w": jnp.arange(4.0)}
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):      # before: IsADirectoryError + .tmp
+        checkpoint.export_safetensors(tree, tmp_path / "dir.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.export_safetensors(tree, tmp_path / "nowhere" / "m.safetensors")
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"precious")
+    with pytest.raises(ValueError, match=rf"^file: {f} exists; pass overwrite=True"):
+        checkpoint.export_safetensors(tree, f)
+    assert f.read_bytes() == b"precious"
+
+    import safetensors.numpy
+
+    def fails_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", fails_midway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.export_safetensors(tree, f, overwrite=True)
+    monkeypatch.undo()
+    assert f.read_bytes() == b"precious"
+    checkpoint.export_safetensors(tree, f, overwrite=True)
+    np.testing.assert_array_equal(load_file(str(f))["w"], np.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "m.safetensors"]
+
+
+def test_export_writes_transposed_arrays_in_c_order(tmp_path):
+    w = np.arange(15, dtype=np.float32).reshape(3, 5).T          # (5, 3), a Fortran-order view
+    b = np.asarray(jnp.arange(6, dtype=jnp.bfloat16)).reshape(2, 3).T
+    f = checkpoint.export_safetensors({"w": w, "b": b}, tmp_path / "m.safetensors")
+    t = load_file(str(f))
+    np.testing.assert_array_equal(t["w"], [[0, 5, 10], [1, 6, 11], [2, 7, 12], [3, 8, 13], [4, 9, 14]])
+    np.testing.assert_array_equal(t["b"].astype(np.float32), [[0, 3], [1, 4], [2, 5]])
+
