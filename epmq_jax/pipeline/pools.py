@@ -64,8 +64,8 @@ class Context:
     @property
     def cache_dir(self) -> Path:
         """Where trained models, prepared data and XLA compilations are cached: ``run.cache_dir``
-        (or the offline suite's legacy ``train.cache_dir``) if set, else ``WORKDIR/cache``."""
-        explicit = self.cfg.run.get("cache_dir") or (self.cfg.train.get("cache_dir") if "train" in self.cfg else None)
+        if set, else ``WORKDIR/cache``."""
+        explicit = self.cfg.run.get("cache_dir")
         return Path(explicit) if explicit else self.workdir / "cache"
 
     @property
