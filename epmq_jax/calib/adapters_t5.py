@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from epmq_jax.calib.adapter import AwqGroup, Captures, capture_nnx, module_at
+from epmq_jax._tree import iter_paths
+from epmq_jax.calib.adapter import AwqGroup, Captures, capture_nnx, check_awq_groups, module_at
 from epmq_jax.models import hf, t5
 
 PyTree = Any
@@ -220,9 +221,6 @@ def t5_adapter(model: t5.T5ForConditionalGeneration) -> T5Adapter:
     kinds.append((("decoder", True), model.decoder.block[0]))
     if cfg.n_decoder_layers > 1:
         kinds.append((("decoder", False), model.decoder.block[1]))
-    from epmq_jax._tree import iter_paths
-    from epmq_jax.calib.adapter import check_awq_groups
-
     for (stack, _), block in kinds:
         known = set(iter_paths(nnx.to_pure_dict(nnx.state(block, nnx.Param))))
         check_awq_groups(_awq_groups(cfg, stack), _group_paths(cfg, stack), known, where=f"T5 {stack} block")

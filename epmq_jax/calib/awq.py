@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epmq_jax.calib.adapter import AwqGroup, capture_rows, get_path, set_path
+from epmq_jax._tree import iter_paths
+from epmq_jax.calib.adapter import AwqGroup, capture_rows, check_awq_groups, get_path, set_path
 from epmq_jax.quant import QuantSpec
 from epmq_jax.quant._awq import (
     awq_ratios,
@@ -211,11 +212,7 @@ def _check(adapter, kind: Hashable, block: PyTree, spec: QuantSpec, where: str) 
         raise ValueError(f"rounding='awq' needs an adapter with awq_groups and awq_module (see "
                          f"epmq_jax.calib.adapter.AwqAdapter); {type(adapter).__name__} has none")
     groups = tuple(AwqGroup(*g) for g in adapter.awq_groups(kind))
-    want = sorted(p for grp in adapter.linear_groups(kind) for p in grp)
-    have = sorted(p for g in groups for p in g.layers)
-    if want != have:
-        raise ValueError(f"{where}: the adapter's AWQ groups hold kernels {have}, expected exactly "
-                         f"the linear groups' {want}")
+    check_awq_groups(groups, adapter.linear_groups(kind), set(iter_paths(block)), where)
     for g in groups:
         d_in = None
         for p in g.layers:
@@ -225,16 +222,9 @@ def _check(adapter, kind: Hashable, block: PyTree, spec: QuantSpec, where: str) 
                 raise ValueError(f"{where}/{p}: d_in={w.shape[0]}, but the other kernels of its AWQ "
                                  f"group {g.layers} have d_in={d_in} (a group shares one input)")
             d_in = w.shape[0]
-        if g.prev_kind == "norm":
-            scale = _get(block, f"{g.prev}/scale", where)
-            if tuple(scale.shape) != (d_in,):
-                raise ValueError(f"{where}/{g.prev}/scale: shape {tuple(scale.shape)}, expected ({d_in},) "
-                                 f"to absorb the scale of {g.layers}")
-        elif g.prev_kind == "linear":
-            _get(block, f"{g.prev}/kernel", where)
-        elif g.prev is not None:
-            raise ValueError(f"{where}: AWQ group {g.layers}: prev_kind={g.prev_kind!r}, expected "
-                             "'norm' or 'linear'")
+        if g.prev_kind == "norm" and tuple(_get(block, f"{g.prev}/scale").shape) != (d_in,):
+            raise ValueError(f"{where}/{g.prev}/scale: shape {tuple(_get(block, f'{g.prev}/scale').shape)}, "
+                             f"expected ({d_in},) to absorb the scale of {g.layers}")
     return groups
 
 
@@ -312,7 +302,7 @@ def calibrate_block(adapter, kind: Hashable, block: PyTree, carries: Sequence[Se
             raise ValueError(f"{where}: AWQ scale search of {g.layers}: every ratio's loss is NaN")
         k = int(np.nanargmin(loss))
         scales.append(awq_scales(a, ratios[k]))
-        chosen.append((float(ratios[k]), float(loss[k]), float(loss[0])))
+        chosen.append((k / n_grid, float(loss[k]), float(loss[0])))
     folded = _fold32(block, groups, scales)
 
     changed: dict[str, Any] = {}
