@@ -26,6 +26,7 @@ from epmq_jax.calib import (
     NnxAdapter,
     Objective,
     calibrate,
+    decoder_adapter,
     solve_layer,
     t5_adapter,
     vit_adapter,
@@ -33,7 +34,7 @@ from epmq_jax.calib import (
 from epmq_jax.calib.adapter import VIT_GROUPS, get_path, set_path
 from epmq_jax.calib.awq import fold_scales
 from epmq_jax.calib.stats import moments
-from epmq_jax.models import t5
+from epmq_jax.models import llama, t5
 from epmq_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 SPEC = quant.QuantSpec(bits=3, group_size=16)
@@ -234,6 +235,25 @@ def test_result_is_a_plain_deployable_tree(vit_one_block):
     assert out.shape == (4, VIT.projection_dim) and np.isfinite(np.asarray(out)).all()
 
 
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    """The driver's checkpoint holds the folded norms and biases too, not only the kernels."""
+    model, p = _vit(2, seed=5)
+    adapter, pixels = vit_adapter(model), _pixels(8, (20,))
+    full = calibrate(adapter, p, pixels, _awq_config(batch_size=16))
+
+    def stop(k):
+        if k == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(adapter, p, pixels, _awq_config(batch_size=16), checkpoint_dir=str(tmp_path), on_block=stop)
+    resumed = calibrate(adapter, p, pixels, _awq_config(batch_size=16), checkpoint_dir=str(tmp_path))
+    a, b = _deq(full.params), _deq(resumed.params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert [s["awq_ratio"] for s in full.stats] == [s["awq_ratio"] for s in resumed.stats]
+
+
 # ----------------------------------------------------------------------------- folding is exact
 
 
@@ -331,6 +351,16 @@ def test_folding_is_exact_t5(ff):
 # ----------------------------------------------------------------------------- better than RTN
 
 
+def _hidden(kind, carry):
+    """The block output to compare and its token mask: ViT hidden states, T5's stack states, a decoder's ``hidden``."""
+    if not isinstance(carry, dict):
+        return carry, None
+    if "hidden" in carry:
+        return carry["hidden"], carry["attention_mask"]
+    key = "enc" if kind[0] == "encoder" else "dec"
+    return carry[key], carry[key + "_mask"]
+
+
 def _block_mse(adapter, params, quantized, inputs):
     """Σ over blocks of the masked MSE of the quantized block's output, both on the float model's inputs."""
     total = 0.0
@@ -341,12 +371,9 @@ def _block_mse(adapter, params, quantized, inputs):
             kind = adapter.block_kind(k)
             want, _ = run(kind, get_path(params, path), carry)
             got, _ = run(kind, _deq(get_path(quantized, path)), carry)
-            if isinstance(want, dict):       # T5: the stack's hidden states, padding masked out
-                key = "enc" if kind[0] == "encoder" else "dec"
-                m = np.asarray(want[key + "_mask"], np.float64)[..., None]
-                total += float(np.sum(m * (np.asarray(got[key]) - np.asarray(want[key])) ** 2) / m.sum())
-            else:
-                total += float(np.mean((np.asarray(got) - np.asarray(want)) ** 2))
+            (w, m), (g, _) = _hidden(kind, want), _hidden(kind, got)
+            m = np.ones(w.shape[:-1]) if m is None else np.asarray(m, np.float64)
+            total += float(np.sum(m[..., None] * (np.asarray(g) - np.asarray(w)) ** 2) / (m.sum() * w.shape[-1]))
             carry = want
     return total
 
@@ -385,6 +412,51 @@ def test_awq_beats_rtn_on_block_outputs_t5():
     assert by_layer["layer/1/EncDecAttention/v/kernel"]["clip_shrink"] is not None
 
 
+def _llama(seed=0, **overrides):
+    model = llama.LlamaForCausalLM(llama.LlamaConfig.tiny(**overrides), rngs=nnx.Rngs(seed))
+    return model, _params(model)
+
+
+def _llama_inputs(seed, n, seq=12):
+    r = np.random.default_rng(seed)
+    ids = r.integers(0, 128, (n, seq))
+    mask = (np.arange(seq)[None, :] >= r.integers(0, seq - 4, (n, 1))).astype(np.int32)   # left padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4}, {"model_type": "qwen2"}],
+                         ids=["gqa", "mha", "qwen2-bias"])
+def test_folding_is_exact_llama(overrides):
+    model, p = _llama(1, **overrides)
+    p = _jitter_vectors(p, 3)
+    adapter = decoder_adapter(model)
+    folded = _fold_all(adapter, p, seed=9)
+    graphdef, _ = nnx.split(model)
+    x = _llama_inputs(2, 4)
+    logits = jax.jit(lambda params: nnx.merge(graphdef, params)(x["input_ids"], x["attention_mask"]))
+    want, got = np.asarray(logits(p)), np.asarray(logits(folded))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    attn = lambda tree: tree["model"]["layers"][0]["self_attn"]
+    o_scaled = not np.allclose(attn(folded)["o_proj"]["kernel"], attn(p)["o_proj"]["kernel"])
+    assert o_scaled == (overrides.get("num_key_value_heads") == 4)   # GQA: o_proj <- v_proj skipped
+
+
+def test_awq_beats_rtn_on_block_outputs_llama():
+    model, p = _llama(4, num_hidden_layers=1)
+    r = np.random.default_rng(4)
+    for blk in p["model"]["layers"].values():
+        for ln in ("input_layernorm", "post_attention_layernorm"):
+            blk[ln]["scale"] = _outliers(r, 64, 1.0)
+    adapter = decoder_adapter(model)
+    calib, held_out = [_llama_inputs(5, 16), _llama_inputs(6, 12)], [_llama_inputs(7, 12)]
+    awq = calibrate(adapter, p, calib, _awq_config(batch_size=8))
+    rtn = calibrate(adapter, p, calib, _rtn_config()).params
+    e_awq, e_rtn = _block_mse(adapter, p, awq.params, held_out), _block_mse(adapter, p, rtn, held_out)
+    assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
+    ratios = {s["path"].split("/")[-2]: s["awq_ratio"] for s in awq.stats}
+    assert ratios["o_proj"] is None and ratios["down_proj"] is not None   # GQA: o_proj unscaled
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -393,6 +465,8 @@ def test_adapter_without_awq_groups_is_refused():
     plain = NnxAdapter.from_model(model, "encoder/layers", VIT_GROUPS)
     with pytest.raises(ValueError, match="no AWQ groups"):
         calibrate(plain, p, _pixels(0, (4,)), _awq_config())
+    with pytest.raises(ValueError, match="objective kind 'gptq'"):
+        CalibConfig(objective=Objective(kind="epmq"), rounding="awq")
     x = jnp.ones((8, 32))
     with pytest.raises(ValueError, match="whole blocks"):
         solve_layer(Objective(kind="gptq"), moments(x), jnp.ones((32, 16)), SPEC, rounding="awq")

@@ -350,11 +350,12 @@ VIT_GROUPS = (("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/
 
 
 def vit_awq_groups(hidden_act: str) -> tuple[AwqGroup, ...]:
-    """AWQ groups of a CLIP encoder block, as llm-awq's OPT recipe (pre-norm, biased projections).
+    """AWQ groups of a CLIP encoder block, after llm-awq's recipes for pre-norm blocks.
 
     q/k/v share a scale folded into ``layer_norm1`` and judged on the attention output (q, k not
     clipped); ``out_proj``'s scale goes into ``v_proj``'s output channels; ``fc1``'s into
-    ``layer_norm2``, judged on the MLP output. ``fc2``'s scale could only be folded through the
+    ``layer_norm2``, judged on the MLP output (as llm-awq does for its GELU MLPs, GPT-NeoX and
+    BigCode; its OPT recipe judges fc1 on its own output). ``fc2``'s scale could only be folded through the
     activation if it is positively homogeneous (ReLU: into ``fc1``'s output channels). CLIP's
     ``quick_gelu`` is not, and llm-awq's answer for such models (BLOOM, MPT, Falcon: a
     ``ScaledActivation`` dividing the activation's output by ``s``) is an extra per-channel

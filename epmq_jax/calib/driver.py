@@ -89,6 +89,9 @@ class CalibConfig:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rounder == "awq" and self.objective.kind != "gptq":
+            raise ValueError(f"rounding='awq' is llm-awq on the model being quantized: it needs "
+                             f"objective kind 'gptq', got {self.objective.kind!r}")
         if self.propagate not in (None, "quantized", "float"):
             raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
 
