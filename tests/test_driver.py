@@ -182,7 +182,8 @@ def _model_out(params, inputs):
     return np.asarray(x)
 
 
-def test_gptq_and_awq_through_driver_beat_rtn_on_model_output():
+def test_gptq_through_driver_beats_rtn_on_model_output():
+    # (AWQ needs an adapter with awq_groups: tests/test_awq_llm.py)
     merged, _, inputs = _problem(seed=2)
     spec = QuantSpec(bits=3, group_size=8)
     ref = np.concatenate([_model_out(merged, x) for x in inputs])
@@ -190,16 +191,13 @@ def test_gptq_and_awq_through_driver_beat_rtn_on_model_output():
     for name, cfg in {
         "rtn": CalibConfig(objective=Objective(kind="gptq"), rounding="rtn", spec=spec),
         "gptq": CalibConfig(objective=Objective(kind="gptq"), rounding="gptq", spec=spec),
-        "awq": CalibConfig(objective=Objective(kind="gptq"), awq=True, spec=spec),
     }.items():
         res = calibrate(ToyAdapter(), merged, inputs, cfg)
         leaves = [res.params[f"block{k}"][l]["kernel"] for k in range(2) for l in ("up", "gate", "down")]
-        assert all(isinstance(q, quant.QuantizedWeight) for q in leaves)
-        assert all((q.input_scale is not None) == (name == "awq") for q in leaves)
+        assert all(isinstance(q, quant.QuantizedWeight) and q.input_scale is None for q in leaves)
         out = np.concatenate([_model_out(res.params, x) for x in inputs])
         errs[name] = float(np.mean((out - ref) ** 2))
     assert errs["gptq"] < errs["rtn"]
-    assert errs["awq"] < errs["rtn"]
 
 
 def test_single_expert_equal_to_merge_reproduces_gptq_run():

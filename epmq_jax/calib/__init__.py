@@ -3,6 +3,8 @@ solve, and the sequential block-by-block driver over Flax models (METHOD.md §4,
 """
 
 from epmq_jax.calib.adapter import (
+    AwqAdapter,
+    AwqGroup,
     CalibAdapter,
     NnxAdapter,
     capture_linen,
@@ -19,6 +21,8 @@ from epmq_jax.calib.solve import round_weight, solve, solve_layer
 from epmq_jax.calib.stats import Moments, accumulate, fold_task, moments, task_weight
 
 __all__ = [
+    "AwqAdapter",
+    "AwqGroup",
     "CalibAdapter",
     "CalibConfig",
     "CalibResult",

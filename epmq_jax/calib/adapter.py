@@ -6,6 +6,10 @@ which kernels each block holds (grouped by shared input, in execution order), an
 one block while capturing every linear layer's input. See docs/internals.md (the contract) and
 docs/adapters.md (how to write one for your own linen or nnx model).
 
+AWQ (``rounding="awq"``, :mod:`epmq_jax.calib.awq`) needs the optional extension
+:class:`AwqAdapter`: which operation before each group of layers absorbs the group's scale and
+which module's output judges it (:class:`AwqGroup`).
+
 Adapters must be hashable (frozen dataclasses): the driver's compiled functions take the
 adapter as a static argument, so equal adapters share compiled code across runs.
 """
@@ -13,10 +17,11 @@ adapter as a static argument, so equal adapters share compiled code across runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 Captures = dict[str, Any]
@@ -43,7 +48,58 @@ class CalibAdapter(Protocol):
         """One block: ``(carry_out, {kernel path: input (n, ..., d_in) or (input, row weight)})``."""
 
 
+class AwqGroup(NamedTuple):
+    """One AWQ scale: the kernels reading one input, where ``1/s`` is folded, what judges ``s``.
+
+    Attributes:
+      layers: kernel paths relative to the block (as in ``linear_groups``) that read the same
+        input; each kernel's rows are multiplied by ``s``.
+      prev: path (relative to the block) of the operation producing that input, whose parameters
+        absorb ``1/s``: a norm (``"layer_norm1"``: its ``scale`` and ``bias`` if any) or a linear
+        layer (``"self_attn/v_proj"``: its kernel's output columns and its ``bias`` if any; it
+        must feed the layers directly or through a positively homogeneous map such as ReLU or
+        the linear branch of a gated unit). None: no scale (clipping and RTN only), e.g. after
+        a non-homogeneous activation or when the producer is shared by other blocks.
+      prev_kind: ``"norm"``, ``"linear"`` or None (with ``prev=None``).
+      module: the module whose output the scale search compares, passed to
+        :meth:`AwqAdapter.awq_module` (llm-awq's ``module2inspect``: the whole attention for
+        q/k/v, the whole MLP for its first layers); None: the layer's own output (one-layer
+        groups).
+      no_clip: kernels left out of the clipping search (llm-awq skips q and k: their error is
+        amplified by the q·k product).
+    """
+
+    layers: tuple[str, ...]
+    prev: str | None
+    prev_kind: Literal["norm", "linear"] | None
+    module: str | None = None
+    no_clip: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class AwqAdapter(CalibAdapter, Protocol):
+    """The optional extension AWQ needs (all methods pure and jit-able)."""
+
+    def awq_groups(self, kind: Hashable) -> tuple[AwqGroup, ...]:
+        """The block's AWQ groups; together they hold exactly the kernels of ``linear_groups``."""
+
+    def awq_module(self, kind: Hashable, module: str, block_params: PyTree, x: jax.Array,
+                   carry: PyTree) -> jax.Array:
+        """The output ``(n, ..., d)`` of ``module`` on its input ``x (n, ..., d_in)`` (the captured
+        input of the group's layers; same leading axes as the output), with ``block_params`` and
+        the block's input ``carry`` (for masks, position biases, encoder states)."""
+
+
 # ----------------------------------------------------------------------------- capture helpers
+
+
+def capture_rows(cap: Any, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A capture (``x`` or ``(x, row weight)``) and the batch's sample mask ``(n,)`` ->
+    ``(x, row weight over x.shape[:-1])``."""
+    x, w = cap if isinstance(cap, tuple) else (cap, None)
+    m = mask.reshape(mask.shape + (1,) * (x.ndim - 2))
+    w = m if w is None else w * m
+    return x, jnp.broadcast_to(w, x.shape[:-1])
 
 
 def _record(captures: Captures, key: str, x: jax.Array) -> None:
@@ -125,8 +181,26 @@ def get_path(tree: PyTree, path: Sequence) -> PyTree:
     return tree
 
 
+def set_path(tree: PyTree, path: Sequence, value: Any) -> PyTree:
+    """A copy of a nested dict with ``tree[p0][p1]... = value`` (only the dicts on the path are copied)."""
+    if not path:
+        return value
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"cannot set key {path[0]!r}: expected a dict, got {type(tree).__name__}")
+    out = dict(tree)
+    out[path[0]] = set_path(tree[path[0]], path[1:], value)
+    return out
+
+
 def _split_attr(path: str) -> list:
     return [int(p) if p.isdigit() else p for p in path.split("/") if p]
+
+
+def module_at(root: Any, path: str) -> Any:
+    """The sub-module of ``root`` at an attribute path such as ``"encoder/layers/3"``."""
+    for k in _split_attr(path):
+        root = root[k] if isinstance(k, int) else getattr(root, k)
+    return root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +219,9 @@ class NnxAdapter:
       embed_method: name of the model method mapping inputs to block 0's input.
       block_call: how a block is called: ``block_call(block, carry) -> carry``; default
         ``block(carry)``.
+      awq: the block's :class:`AwqGroup` s (empty: the adapter does not support AWQ).
+      awq_call: how an AWQ module is called: ``awq_call(module, x, carry) -> output``; default
+        ``module(x)``.
     """
 
     model_def: Any
@@ -154,6 +231,8 @@ class NnxAdapter:
     groups: tuple[tuple[str, ...], ...]
     embed_method: str = "embed"
     block_call: Callable | None = None
+    awq: tuple[AwqGroup, ...] = ()
+    awq_call: Callable | None = None
 
     def __hash__(self) -> int:   # cached: jit hashes static arguments on every call
         h = self.__dict__.get("_hash")
@@ -164,7 +243,8 @@ class NnxAdapter:
 
     @classmethod
     def from_model(cls, model, blocks_at: str, groups: Sequence[Sequence[str]], *,
-                   embed_method: str = "embed", block_call: Callable | None = None) -> NnxAdapter:
+                   embed_method: str = "embed", block_call: Callable | None = None,
+                   awq: Sequence[AwqGroup] = (), awq_call: Callable | None = None) -> NnxAdapter:
         """Builds the adapter from a model instance.
 
         Args:
@@ -173,10 +253,13 @@ class NnxAdapter:
           groups: kernel paths relative to a block, grouped (see :class:`CalibAdapter`).
           embed_method: model method from inputs to block 0's input.
           block_call: ``(block, carry) -> carry`` if a block is not called as ``block(carry)``.
+          awq: optional :class:`AwqGroup` s of a block (needed for ``rounding="awq"``).
+          awq_call: ``(module, x, carry) -> output`` if an AWQ module is not called as ``module(x)``.
 
         Raises:
-          ValueError: the model holds non-parameter state, the blocks differ in structure, or
-            a group names a kernel the block lacks.
+          ValueError: the model holds non-parameter state, the blocks differ in structure, a
+            group names a kernel the block lacks, or the AWQ groups name missing parameters or
+            do not hold exactly the grouped kernels.
         """
         from flax import nnx
 
@@ -185,9 +268,7 @@ class NnxAdapter:
             raise ValueError("NnxAdapter needs a model whose state is all nnx.Param; found other "
                              f"state at {[k for k, _ in nnx.to_flat_state(rest)][:3]}")
         at = tuple(_split_attr(blocks_at))
-        blocks = model
-        for k in at:
-            blocks = blocks[k] if isinstance(k, int) else getattr(blocks, k)
+        blocks = module_at(model, blocks_at)
         block_defs = {nnx.split(b)[0] for b in blocks}
         if len(block_defs) != 1:
             raise ValueError(f"blocks at '{blocks_at}' do not all share one structure; "
@@ -199,7 +280,11 @@ class NnxAdapter:
             if p not in known:
                 raise ValueError(f"kernel path '{p}' is not a parameter of the blocks at "
                                  f"'{blocks_at}' (they have e.g. {sorted(known)[:4]})")
-        return cls(model_def, block_defs.pop(), at, len(blocks), groups, embed_method, block_call)
+        awq = tuple(AwqGroup(*g) for g in awq)
+        if awq:
+            check_awq_groups(awq, groups, known, where=f"blocks at '{blocks_at}'")
+        return cls(model_def, block_defs.pop(), at, len(blocks), groups, embed_method, block_call,
+                   awq, awq_call)
 
     def embed(self, params: PyTree, inputs: PyTree) -> PyTree:
         from flax import nnx
@@ -222,9 +307,68 @@ class NnxAdapter:
         call = self.block_call or (lambda block, c: block(c))
         return capture_nnx(self.block_def, block_params, call, carry)
 
+    def awq_groups(self, kind: Hashable) -> tuple[AwqGroup, ...]:
+        if not self.awq:
+            raise ValueError("this NnxAdapter has no AWQ groups: pass awq=[AwqGroup(...), ...] to "
+                             "NnxAdapter.from_model (see docs/adapters.md)")
+        return self.awq
+
+    def awq_module(self, kind: Hashable, module: str, block_params: PyTree, x: jax.Array,
+                   carry: PyTree) -> jax.Array:
+        from flax import nnx
+
+        m = module_at(nnx.merge(self.block_def, block_params), module)
+        return m(x) if self.awq_call is None else self.awq_call(m, x, carry)
+
+
+def check_awq_groups(awq: Sequence[AwqGroup], groups: Sequence[Sequence[str]], params: set[str],
+                     where: str) -> None:
+    """Raises ValueError unless the AWQ groups hold exactly the grouped kernels and name
+    parameters that exist (``params``: the block's leaf paths)."""
+    want = sorted(p for g in groups for p in g)
+    have = sorted(p for g in awq for p in g.layers)
+    if want != have:
+        raise ValueError(f"{where}: the AWQ groups hold kernels {have}, expected exactly the linear "
+                         f"groups' {want}")
+    for g in awq:
+        if g.prev_kind not in ("norm", "linear", None) or (g.prev is None) != (g.prev_kind is None):
+            raise ValueError(f"{where}: AWQ group {g.layers}: prev={g.prev!r} with prev_kind="
+                             f"{g.prev_kind!r}; expected a path with 'norm' or 'linear', or None with None")
+        need = {"norm": "scale", "linear": "kernel"}.get(g.prev_kind)
+        if need and f"{g.prev}/{need}" not in params:
+            raise ValueError(f"{where}: AWQ group {g.layers}: no parameter '{g.prev}/{need}' for "
+                             f"its {g.prev_kind} prev={g.prev!r}")
+        if g.prev is not None and g.module is None and len(g.layers) != 1:
+            raise ValueError(f"{where}: AWQ group {g.layers} has several layers, so it needs the "
+                             "module whose output judges its scale (module=None means one layer's own output)")
+        if not set(g.no_clip) <= set(g.layers):
+            raise ValueError(f"{where}: AWQ group {g.layers}: no_clip {g.no_clip} names other kernels")
+
 
 VIT_GROUPS = (("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel"),
               ("self_attn/out_proj/kernel",), ("mlp/fc1/kernel",), ("mlp/fc2/kernel",))
+
+
+def vit_awq_groups(hidden_act: str) -> tuple[AwqGroup, ...]:
+    """AWQ groups of a CLIP encoder block, after llm-awq's recipes for pre-norm blocks.
+
+    q/k/v share a scale folded into ``layer_norm1`` and judged on the attention output (q, k not
+    clipped); ``out_proj``'s scale goes into ``v_proj``'s output channels; ``fc1``'s into
+    ``layer_norm2``, judged on the MLP output (as llm-awq does for its GELU MLPs, GPT-NeoX and
+    BigCode; its OPT recipe judges fc1 on its own output). ``fc2``'s scale could only be folded through the
+    activation if it is positively homogeneous (ReLU: into ``fc1``'s output channels). CLIP's
+    ``quick_gelu`` is not, and llm-awq's answer for such models (BLOOM, MPT, Falcon: a
+    ``ScaledActivation`` dividing the activation's output by ``s``) is an extra per-channel
+    operation and parameter that a CLIP checkpoint does not have, so ``fc2`` gets no scale
+    (clipping and RTN only), as llm-awq does for the layers it cannot fold (BLOOM's and Falcon's
+    attention output, GQA ``o_proj``).
+    """
+    q, k, v = VIT_GROUPS[0]
+    fc2_prev = ("mlp/fc1", "linear") if hidden_act == "relu" else (None, None)
+    return (AwqGroup(VIT_GROUPS[0], "layer_norm1", "norm", "self_attn", no_clip=(q, k)),
+            AwqGroup(("self_attn/out_proj/kernel",), "self_attn/v_proj", "linear"),
+            AwqGroup(("mlp/fc1/kernel",), "layer_norm2", "norm", "mlp"),
+            AwqGroup(("mlp/fc2/kernel",), *fc2_prev))
 
 
 def vit_adapter(model) -> NnxAdapter:
@@ -233,6 +377,8 @@ def vit_adapter(model) -> NnxAdapter:
     Params: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (paths like
     ``encoder/layers/3/self_attn/q_proj/kernel``); inputs: NHWC pixels ``(n, H, W, C)``; carry:
     hidden states ``(n, tokens, width)``; per block the groups q/k/v (one shared H), out_proj,
-    fc1, fc2. The patch embedding and the visual projection are not calibrated.
+    fc1, fc2, and the AWQ groups of :func:`vit_awq_groups`. The patch embedding and the visual
+    projection are not calibrated.
     """
-    return NnxAdapter.from_model(model, "encoder/layers", VIT_GROUPS, embed_method="embed")
+    return NnxAdapter.from_model(model, "encoder/layers", VIT_GROUPS, embed_method="embed",
+                                 awq=vit_awq_groups(model.config.hidden_act))

@@ -13,6 +13,13 @@ Every capture is ``(x, attention_mask)``: padding tokens get row weight 0, so th
 to H and B. The embedding, the norms (and qwen3's q/k norms) and ``lm_head`` are not calibrated.
 Blocks of a model with sliding-window layers come in two kinds (``"full_attention"``,
 ``"sliding_attention"``), each compiled once.
+
+AWQ groups (:meth:`DecoderAdapter.awq_groups`): llm-awq's Llama recipe. q/k/v share a scale folded
+into ``input_layernorm`` and judged on the attention output (q, k not clipped); ``o_proj``'s goes
+into ``v_proj``'s output channels, skipped with grouped-query attention (``v_proj`` has fewer
+outputs than ``o_proj`` inputs, as llm-awq checks); gate/up into ``post_attention_layernorm``,
+judged on the MLP output; ``down_proj``'s into ``up_proj``'s output channels
+(``act(x·gate) * (x·up)/s`` is exact).
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import dataclasses
 from collections.abc import Hashable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from epmq_jax.calib.adapter import Captures, capture_nnx
+from epmq_jax._tree import iter_paths
+from epmq_jax.calib.adapter import AwqGroup, Captures, capture_nnx, check_awq_groups
 from epmq_jax.models import llama
 
 PyTree = Any
@@ -34,6 +43,14 @@ DECODER_GROUPS = (
     ("self_attn/o_proj/kernel",),
     ("mlp/gate_proj/kernel", "mlp/up_proj/kernel"),
     ("mlp/down_proj/kernel",),
+)
+
+DECODER_AWQ_GROUPS = (
+    AwqGroup(DECODER_GROUPS[0], "input_layernorm", "norm", "self_attn",
+             no_clip=DECODER_GROUPS[0][:2]),
+    AwqGroup(DECODER_GROUPS[1], "self_attn/v_proj", "linear"),
+    AwqGroup(DECODER_GROUPS[2], "post_attention_layernorm", "norm", "mlp"),
+    AwqGroup(DECODER_GROUPS[3], "mlp/up_proj", "linear"),
 )
 
 
@@ -82,6 +99,18 @@ class DecoderAdapter:
         weight = carry["attention_mask"].astype(jnp.float32)
         return out, {path: (x, weight) for path, x in caps.items()}
 
+    def awq_groups(self, kind: Hashable) -> tuple[AwqGroup, ...]:
+        return DECODER_AWQ_GROUPS
+
+    def awq_module(self, kind: Hashable, module: str, block_params: PyTree, x: jax.Array,
+                   carry: PyTree) -> jax.Array:
+        block = nnx.merge(dict(self.block_defs)[kind], block_params)
+        if module == "mlp":
+            return block.mlp(x)
+        mask = llama.causal_mask(carry["attention_mask"], 0, x.shape[1], block.sliding_window)
+        cos, sin = llama.rotary(self.config, carry["position_ids"], x.dtype)
+        return block.self_attn(x, cos, sin, mask)[0]
+
 
 def decoder_adapter(model: llama.LlamaForCausalLM) -> DecoderAdapter:
     """The adapter for ``model`` and every model of the same config (merged, experts).
@@ -95,5 +124,8 @@ def decoder_adapter(model: llama.LlamaForCausalLM) -> DecoderAdapter:
     first = {}
     for i, kind in enumerate(cfg.layer_types):
         first.setdefault(kind, model.model.layers[i])
+    for kind, block in first.items():
+        known = set(iter_paths(nnx.to_pure_dict(nnx.state(block, nnx.Param))))
+        check_awq_groups(DECODER_AWQ_GROUPS, DECODER_GROUPS, known, where=f"decoder block ({kind})")
     return DecoderAdapter(cfg, nnx.split(model.model.embed_tokens)[0],
                           tuple((kind, nnx.split(block)[0]) for kind, block in first.items()))

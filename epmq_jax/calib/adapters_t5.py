@@ -24,6 +24,16 @@ encoder ``SelfAttention/{q,k,v}``, ``o``, ``DenseReluDense/{wi_0,wi_1}`` (``wi``
 non-gated T5), ``wo``; the decoder adds ``EncDecAttention/q``, ``{k,v}`` (input: the encoder
 output) and ``o`` between its self-attention and feed-forward. The shared embedding, the
 relative-attention tables, the norms and ``lm_head`` are not calibrated.
+
+AWQ groups (:meth:`T5Adapter.awq_groups`, llm-awq's Llama recipe on T5's RMSNorm blocks): q/k/v
+share a scale folded into the self-attention's ``layer_norm`` and judged on the attention output;
+``o``'s goes into ``v``'s output channels; the cross-attention's ``q`` into its ``layer_norm``
+(judged on the cross-attention output); the feed-forward's ``wi_0``/``wi_1`` (or ``wi``) into
+its ``layer_norm`` (judged on the feed-forward output); ``wo``'s into ``wi_1``'s output
+channels (gated: ``act(x·wi_0) * (x·wi_1)/s`` is exact) or ``wi``'s for ReLU (positively
+homogeneous); other activations leave ``wo`` unscaled. The cross-attention's ``k``/``v`` read
+the encoder output, whose final norm is shared by every decoder block, so they get no scale.
+q and k are not clipped.
 """
 
 from __future__ import annotations
@@ -37,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from epmq_jax.calib.adapter import Captures, capture_nnx
+from epmq_jax._tree import iter_paths
+from epmq_jax.calib.adapter import AwqGroup, Captures, capture_nnx, check_awq_groups, module_at
 from epmq_jax.models import hf, t5
 
 PyTree = Any
@@ -55,6 +66,28 @@ def _group_paths(config: t5.T5Config, stack: str) -> tuple[tuple[str, ...], ...]
                    ("layer/1/EncDecAttention/o/kernel",)]
     groups += [tuple(f"layer/{ff}/DenseReluDense/{w}/kernel" for w in wi),
                (f"layer/{ff}/DenseReluDense/wo/kernel",)]
+    return tuple(groups)
+
+
+def _awq_groups(config: t5.T5Config, stack: str) -> tuple[AwqGroup, ...]:
+    sa, ca = "layer/0/SelfAttention", "layer/1/EncDecAttention"
+    ff = f"layer/{2 if stack == 'decoder' else 1}"
+    dense = f"{ff}/DenseReluDense"
+    kern = lambda *ps: tuple(f"{p}/kernel" for p in ps)
+    groups = [AwqGroup(kern(f"{sa}/q", f"{sa}/k", f"{sa}/v"), "layer/0/layer_norm", "norm", sa,
+                       no_clip=kern(f"{sa}/q", f"{sa}/k")),
+              AwqGroup(kern(f"{sa}/o"), f"{sa}/v", "linear")]
+    if stack == "decoder":
+        groups += [AwqGroup(kern(f"{ca}/q"), "layer/1/layer_norm", "norm", ca, no_clip=kern(f"{ca}/q")),
+                   AwqGroup(kern(f"{ca}/k", f"{ca}/v"), None, None, no_clip=kern(f"{ca}/k")),
+                   AwqGroup(kern(f"{ca}/o"), f"{ca}/v", "linear")]
+    wi = ("wi_0", "wi_1") if config.is_gated else ("wi",)
+    groups.append(AwqGroup(kern(*(f"{dense}/{w}" for w in wi)), f"{ff}/layer_norm", "norm", dense))
+    if config.is_gated:
+        wo_prev = (f"{dense}/wi_1", "linear")
+    else:
+        wo_prev = (f"{dense}/wi", "linear") if config.activation == "relu" else (None, None)
+    groups.append(AwqGroup(kern(f"{dense}/wo"), *wo_prev))
     return tuple(groups)
 
 
@@ -113,34 +146,53 @@ class T5Adapter:
     def linear_groups(self, kind: Hashable) -> tuple[tuple[str, ...], ...]:
         return _group_paths(self.config, kind[0])
 
+    def _context(self, kind: Kind, carry: PyTree) -> dict[str, Any]:
+        """The block's input carry with what its layers need beside the hidden states: the
+        self-attention ``bias`` and ``mask``; in the decoder the (final-normed) encoder output
+        ``enc`` and the cross-attention mask ``cross_mask``."""
+        stack, first = kind
+        ctx = dict(carry)
+        if stack == "decoder" and first:  # the encoder is done: its final norm, once, before any cross-attention
+            norm = nnx.merge(self.norm_def, {"scale": carry["enc_norm"][0]})
+            ctx["enc"] = norm(carry["enc"])
+        h = ctx["enc" if stack == "encoder" else "dec"]
+        ctx["bias"] = t5.position_bias(
+            ctx["enc_table" if stack == "encoder" else "dec_table"][0], h.shape[1], h.shape[1],
+            bidirectional=stack == "encoder", max_distance=self.config.relative_attention_max_distance)
+        ctx["mask"] = t5.self_attention_mask(ctx["enc_mask" if stack == "encoder" else "dec_mask"],
+                                             h.shape[1], causal=stack == "decoder")
+        if stack == "decoder":
+            ctx["cross_mask"] = ctx["enc_mask"][:, None, None, :].astype(bool)
+        return ctx
+
     def run_block(self, kind: Hashable, block_params: PyTree, carry: PyTree
                   ) -> tuple[PyTree, Captures]:
-        stack, first = kind
-        cfg = self.config
         block_def = dict(self.block_defs)[kind]
-        carry = dict(carry)
-        if stack == "encoder":
-            h = carry["enc"]
-            bias = t5.position_bias(carry["enc_table"][0], h.shape[1], h.shape[1],
-                                    bidirectional=True, max_distance=cfg.relative_attention_max_distance)
-            mask = t5.self_attention_mask(carry["enc_mask"], h.shape[1], causal=False)
+        ctx = self._context(kind, carry)
+        carry = {k: ctx[k] for k in carry}
+        if kind[0] == "encoder":
             carry["enc"], caps = capture_nnx(block_def, block_params,
-                                             lambda blk, x: blk(x, bias, mask), h)
+                                             lambda blk, x: blk(x, ctx["bias"], ctx["mask"]), carry["enc"])
             return carry, {p: (x, carry["enc_mask"]) for p, x in caps.items()}
-
-        if first:  # the encoder is done: its final norm, once, before any cross-attention
-            norm = nnx.merge(self.norm_def, {"scale": carry["enc_norm"][0]})
-            carry["enc"] = norm(carry["enc"])
-        h = carry["dec"]
-        bias = t5.position_bias(carry["dec_table"][0], h.shape[1], h.shape[1],
-                                bidirectional=False, max_distance=cfg.relative_attention_max_distance)
-        mask = t5.self_attention_mask(carry["dec_mask"], h.shape[1], causal=True)
-        cross_mask = carry["enc_mask"][:, None, None, :].astype(bool)
         carry["dec"], caps = capture_nnx(
-            block_def, block_params, lambda blk, x: blk(x, bias, mask, carry["enc"], cross_mask), h)
+            block_def, block_params,
+            lambda blk, x: blk(x, ctx["bias"], ctx["mask"], ctx["enc"], ctx["cross_mask"]), carry["dec"])
         enc_side = {"layer/1/EncDecAttention/k/kernel", "layer/1/EncDecAttention/v/kernel"}
         return carry, {p: (x, carry["enc_mask"] if p in enc_side else carry["dec_mask"])
                        for p, x in caps.items()}
+
+    def awq_groups(self, kind: Hashable) -> tuple[AwqGroup, ...]:
+        return _awq_groups(self.config, kind[0])
+
+    def awq_module(self, kind: Hashable, module: str, block_params: PyTree, x: jax.Array,
+                   carry: PyTree) -> jax.Array:
+        ctx = self._context(kind, carry)
+        m = module_at(nnx.merge(dict(self.block_defs)[kind], block_params), module)
+        if module.endswith("SelfAttention"):
+            return m(x, x, ctx["bias"], ctx["mask"])
+        if module.endswith("EncDecAttention"):
+            return m(x, ctx["enc"], jnp.zeros((), jnp.float32), ctx["cross_mask"])
+        return m(x)
 
     def logits(self, params: PyTree, carry: PyTree) -> jax.Array:
         """The decoder's final norm and LM head on the carry after the last block: (n, L, vocab)."""
@@ -169,5 +221,8 @@ def t5_adapter(model: t5.T5ForConditionalGeneration) -> T5Adapter:
     kinds.append((("decoder", True), model.decoder.block[0]))
     if cfg.n_decoder_layers > 1:
         kinds.append((("decoder", False), model.decoder.block[1]))
+    for (stack, _), block in kinds:
+        known = set(iter_paths(nnx.to_pure_dict(nnx.state(block, nnx.Param))))
+        check_awq_groups(_awq_groups(cfg, stack), _group_paths(cfg, stack), known, where=f"T5 {stack} block")
     norm_def = nnx.split(model.encoder.final_layer_norm)[0]
     return T5Adapter(cfg, tuple((k, nnx.split(b)[0]) for k, b in kinds), norm_def)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from epmq_jax.calib import awq
 from epmq_jax.calib import stats as st
 from epmq_jax.calib.adapter import CalibAdapter, get_path
 from epmq_jax.calib.objectives import Objective, target_input
@@ -56,13 +57,14 @@ class CalibConfig:
     Attributes:
       objective: the layer objective (:class:`~epmq_jax.calib.Objective`): ``gptq`` for
         RTN/GPTQ/AWQ on the merge, ``epmq``, or ``regmean``.
-      rounding: ``gptq``, ``rtn``, ``awq`` (activation-aware scales + optional clipping, then
-        RTN) or ``none`` (keep W* in float).
+      rounding: ``gptq``, ``rtn``, ``awq`` (llm-awq, whole blocks at a time: scales shared by
+        the layers reading one input and folded into the op before them, clipping, RTN; see
+        :mod:`epmq_jax.calib.awq`; the adapter needs ``awq_groups``) or ``none`` (keep W* in float).
       spec: the quantization grid.
       damp: relative damping δ of the solve and of GPTQ.
       block_size, act_order, static_groups: GPTQ options.
       awq: shorthand for ``rounding="awq"`` (overrides ``rounding``).
-      awq_grid: number of AWQ scale exponents; awq_clip: AWQ's clipping search.
+      awq_grid: number of AWQ scale ratios; awq_clip: AWQ's clipping search (never for q, k).
       batch_size: calibration samples per forward pass (batches are padded to it).
       propagate: what feeds the next block: ``quantized`` (the calibrated block, GPTQ / E-PMQ's
         sequential mode) or ``float`` (the merged block, as the AWQ reference does). Default:
@@ -87,6 +89,9 @@ class CalibConfig:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rounder == "awq" and self.objective.kind != "gptq":
+            raise ValueError(f"rounding='awq' is llm-awq on the model being quantized: it needs "
+                             f"objective kind 'gptq', got {self.objective.kind!r}")
         if self.propagate not in (None, "quantized", "float"):
             raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
 
@@ -334,6 +339,18 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         merged_block = get_path(params, bpath)
         expert_blocks = [get_path(e, bpath) for e in experts] if obj.needs_targets else None
         block = merged_block
+        if config.rounder == "awq":    # whole blocks: shared scales folded into the ops before them
+            if k >= done:
+                changed, block_stats = awq.calibrate_block(
+                    adapter, kind, merged_block, q_carry, masks, config.spec, where=where,
+                    **config.rounder_options())
+                kernels.update({_full_path(bpath, rel): v for rel, v in changed.items()})
+                stats += [{**s, "block": k} for s in block_stats]
+            if not config.propagate_float:
+                prefix = _full_path(bpath, "")
+                block = awq.apply_changes(merged_block, {p[len(prefix):]: v for p, v in kernels.items()
+                                                         if p.startswith(prefix)})
+            groups = ()
         for gi, group in enumerate(groups):
             if k < done:      # resumed: the calibrated kernels are known
                 for rel in group:

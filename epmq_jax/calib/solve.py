@@ -9,9 +9,10 @@ as a tiny weight anchor toward W_m rather than a pull toward 0. Hence W* = W_m e
 B = HW_m (GPTQ's objective, or a single expert equal to the merge), whatever δ; a dead input
 keeps its W_m row; and with δ = 0 on a positive-definite H the solve is the exact H⁻¹B.
 
-Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``),
-``awq`` (``epmq_jax.quant.awq_search(W*, H, mean|x|)``: activation-aware scales, then RTN) or
-``none`` (W* itself, float).
+Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``) or
+``none`` (W* itself, float). ``awq`` is a rounding of the driver but not of one layer: its
+scales are shared by the layers reading one input and folded into the op before them, so it
+works on whole blocks (:mod:`epmq_jax.calib.awq`).
 """
 
 from __future__ import annotations
@@ -67,9 +68,18 @@ def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01) -> 
     return w, {"damp": d, "cond": (jnp.max(du) / jnp.min(du)) ** 2, "ok": ok}
 
 
+def _check_layer_rounding(rounding: str) -> None:
+    if rounding == "awq":
+        raise ValueError("rounding='awq' quantizes whole blocks (scales shared by the layers that "
+                         "read one input, folded into the op before them): use calib.calibrate with "
+                         "an adapter that has awq_groups, or epmq_jax.calib.awq.calibrate_block")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
 def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gptq", *,
-                 damp: float = 0.01, act_mean: jax.Array | None = None, **options: Any):
-    """Rounds a relaxed kernel: ``gptq(W*, H)``, ``rtn(W*)``, ``awq`` or ``none`` (W* as float).
+                 damp: float = 0.01, **options: Any):
+    """Rounds a relaxed kernel: ``gptq(W*, H)``, ``rtn(W*)`` or ``none`` (W* as float).
 
     Args:
       w_star: ``(d_in, d_out)`` float kernel.
@@ -77,29 +87,26 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
       spec: :class:`epmq_jax.quant.QuantSpec`.
       rounding: ``gptq``, ``rtn`` or ``none``.
       damp: GPTQ damping δ.
-      act_mean: mean |x| per input channel ``(d_in,)`` (needed by ``awq``).
-      **options: keyword options of the rounder: :func:`epmq_jax.quant.gptq` (``block_size``,
-        ``act_order``, ``static_groups``) or :func:`epmq_jax.quant.awq_search` (``n_grid``, ``clip``).
+      **options: keyword options of :func:`epmq_jax.quant.gptq` (``block_size``, ``act_order``,
+        ``static_groups``).
 
     Returns:
       ``(q, info)``: a :class:`epmq_jax.quant.QuantizedWeight` (the float array for ``none``)
       and a dict, ``{"gptq_damp": δ GPTQ used}`` for ``gptq``, else empty.
+
+    Raises:
+      ValueError: ``rounding="awq"`` (block-level: :func:`epmq_jax.calib.awq.calibrate_block`)
+        or an unknown rounding.
     """
     from epmq_jax import quant
 
+    _check_layer_rounding(rounding)
     if rounding == "none":
         return w_star, {}
     if rounding == "rtn":
         return quant.rtn(w_star, spec), {}
-    if rounding == "gptq":
-        q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **options)
-        return q, {"gptq_damp": info.damp_used}
-    if rounding == "awq":
-        if act_mean is None:
-            raise ValueError("rounding='awq' needs act_mean (mean |x| per input channel)")
-        q, info = quant.awq_search(w_star, h, act_mean, spec, return_info=True, **options)
-        return q, {"awq_ratio": info["ratio"]}
-    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **options)
+    return q, {"gptq_damp": info.damp_used}
 
 
 def effective_kernel(q) -> jax.Array:
@@ -134,7 +141,7 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
       m: the layer's ω-weighted :class:`~epmq_jax.calib.stats.Moments`.
       w_merged: merged kernel W_m ``(d_in, d_out)``.
       spec: quantization spec (unused for ``rounding="none"``).
-      rounding: ``gptq``, ``rtn``, ``awq`` or ``none``.
+      rounding: ``gptq``, ``rtn`` or ``none`` (``awq`` raises: it is block-level).
       damp: δ of both the solve and GPTQ.
       path: the layer's leaf path, for messages and the statistics.
       **options: passed to the rounder (see :func:`round_weight`).
@@ -142,15 +149,14 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     Returns:
       ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*) and a JSON-able dict
       ``{path, rel_dist, cond, damp, obj_merged, obj_relaxed, obj_rounded, rounding, time_s}``
-      (+ ``gptq_damp`` for GPTQ rounding, ``awq_ratio`` for AWQ); ``cond`` is None for the
+      (+ ``gptq_damp`` for GPTQ rounding); ``cond`` is None for the
       ``gptq`` objective, whose W* = W_m needs no solve;
       objective values are L(W_m), L(W*) and L(Q) of the undamped objective.
 
     Raises:
       ValueError: shapes disagree, or H is not positive definite even after damping.
     """
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    _check_layer_rounding(rounding)
     d_in, d_out = w_merged.shape
     if m.h.shape != (d_in, d_in):
         raise ValueError(f"{path}: H has shape {m.h.shape}, expected {(d_in, d_in)} for a kernel "
@@ -167,8 +173,7 @@ def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     if not bool(info["ok"]):
         raise ValueError(f"{path}: H {system.h.shape} is not positive definite even with damping "
                          f"{float(info['damp']):.3g} (non-finite statistics?)")
-    act_mean = m.abs_sum / jnp.maximum(m.n, 1.0) if rounding == "awq" else None
-    q, rinfo = round_weight(w_star, system.h, spec, rounding, damp=damp, act_mean=act_mean, **options)
+    q, rinfo = round_weight(w_star, system.h, spec, rounding, damp=damp, **options)
     rep = jax.device_get({**_report(system, w_merged, w_star, effective_kernel(q)), **rinfo})
     stats = {"path": path, **{k: float(v) for k, v in rep.items()},
              "cond": None if info["cond"] is None else float(info["cond"]),

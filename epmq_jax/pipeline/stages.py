@@ -199,7 +199,7 @@ def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]
 
     - ``rtn`` / ``gptq``: the ``gptq`` objective (targets from the merged layer, W* = W_m),
       rounded by RTN or GPTQ;
-    - ``awq``: the ``gptq`` objective with AWQ rounding;
+    - ``awq``: the ``gptq`` objective with AWQ rounding (llm-awq: :mod:`epmq_jax.calib.awq`);
     - ``epmq`` / ``epmq_unrounded``: the E-PMQ objective with the variant's switches, rounded by
       its ``rounding`` (``none`` keeps W*).
 

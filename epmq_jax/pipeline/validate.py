@@ -19,7 +19,7 @@ import ml_collections
 from epmq_jax.config import ConfigError
 from epmq_jax.pipeline.variants import MERGES, QUANTIZERS, parse_ablation
 
-_ROUNDINGS = ("gptq", "rtn", "awq", "none")
+_ROUNDINGS = ("gptq", "rtn", "none")   # E-PMQ's rounding (AWQ is a method of its own: quant.methods)
 _ANCHORS = ("output", "weight")
 _TARGETS = ("expert", "merged", "mix")
 _WEIGHTINGS = ("uniform", "tokens", "frobenius")
