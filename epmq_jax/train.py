@@ -218,6 +218,8 @@ def encode(graphdef: nnx.GraphDef, params: Params, images: np.ndarray, *,
     if sharding is not None:
         k = len(sharding.device_set)
         batch_size = -(-batch_size // k) * k
+        params = jax.device_put(params, jax.sharding.NamedSharding(sharding.mesh,
+                                                                  jax.sharding.PartitionSpec()))
     out = []
     for i in range(0, len(images), batch_size):
         xb = images[i: i + batch_size]

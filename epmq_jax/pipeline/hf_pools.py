@@ -283,6 +283,9 @@ def clip_accuracy(graphdef: Any, params: Params, head: np.ndarray, task: str, sp
         batch_size = -(-batch_size // k) * k
     fn = _image_features_fn(graphdef)
     head = jnp.asarray(head)
+    if sharding is not None:   # the model replicated on the batch's devices
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        params, head = jax.device_put((params, head), replicated)
 
     def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         data = registry.load_task_split(task, split, data_dir, indices=idx)

@@ -72,6 +72,15 @@ class Context:
     def progress(self) -> bool:
         return bool(self.cfg.eval.progress)
 
+    def replicate(self, tree: Any) -> Any:
+        """``tree`` placed on every device of the mesh (as is without a mesh), so jitted work
+        whose batches are split over the mesh finds its params there too."""
+        if self.mesh is None:
+            return tree
+        import jax
+
+        return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
 
 class _Timer:
     def __init__(self, ctx: Context, key: str):

@@ -16,7 +16,8 @@ scores each on the task pool's reported split, and writes into ``WORKDIR``: resu
 of ``quant.checkpoint_methods`` at ``quant.checkpoint_bits`` (:mod:`~epmq_jax.pipeline.checkpoints`).
 
 With ``run.resume`` a rerun of the same config skips the rows already finished (kept in
-``WORKDIR/rows.partial.jsonl``) and the calibration driver resumes from its last finished block.
+``WORKDIR/rows.partial.jsonl``) and the calibration driver resumes from its last finished block
+(``WORKDIR/resume/<config fingerprint>/<variant>``, removed once the row is recorded).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,8 +82,11 @@ def start(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = say
 class Runner:
     """Computes variants for one run, sharing the merges and the calibration inputs between them."""
 
-    def __init__(self, ctx: Context, model_pool: ModelPool, task_pool: TaskPool):
+    def __init__(self, ctx: Context, model_pool: ModelPool, task_pool: TaskPool,
+                 resume_root: Path | None = None):
+        """``resume_root``: where the driver keeps each variant's per-block progress (None: nowhere)."""
         self.ctx, self.mp, self.tp = ctx, model_pool, task_pool
+        self.resume_root = resume_root
         self._merges: dict[str, stages.Merge] = {}
         self._calib_inputs: list[Any] | None = None
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -106,7 +111,8 @@ class Runner:
         m = self.merged(v.merge)
         if v.method == "fp":
             return m.params, None, m.scaling, dict(m.settings)
-        params, stats = stages.calibrate_variant(self.ctx, self.mp, v, m.params, self.calib_inputs())
+        resume = None if self.resume_root is None else str(self.resume_root / v.name)
+        params, stats = stages.calibrate_variant(self.ctx, self.mp, v, m.params, self.calib_inputs(), resume)
         settings = {**m.settings, "damp": float(self.ctx.cfg.quant.damp)}
         return params, stats, m.scaling, settings
 
@@ -143,12 +149,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
 
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     ctx, model_pool, task_pool = start(cfg, workdir, log=log)
-    runner = Runner(ctx, model_pool, task_pool)
+    fingerprint = _fingerprint(cfg)
+    resume_root = ctx.workdir / "resume" / fingerprint if cfg.run.resume else None
+    runner = Runner(ctx, model_pool, task_pool, resume_root)
     variants = plan(cfg, has_multitask=bool(cfg.model_pool.get("multitask", False)))
     stats_dir = ctx.workdir / "solver_stats"
     stats_dir.mkdir(exist_ok=True)
     partial = ctx.workdir / "rows.partial.jsonl"
-    fingerprint = _fingerprint(cfg)
     done = _finished_rows(partial, fingerprint) if cfg.run.resume else {}
     if not cfg.run.resume and partial.exists():
         partial.unlink()
@@ -177,6 +184,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
         with open(partial, "a") as f:
             f.write(json.dumps({"fingerprint": fingerprint, "name": v.name, "row": row,
                                 "checkpoint": ckpt}) + "\n")
+        if resume_root is not None:   # the row is recorded: its per-block progress is not needed
+            shutil.rmtree(resume_root / v.name, ignore_errors=True)
     ctx.timings["total"] = time.perf_counter() - t_start
     ctx.timings["cpu_total"] = _cpu_seconds() - cpu_start
     (ctx.workdir / "metrics.json").write_text(json.dumps(runner.metrics, indent=1))

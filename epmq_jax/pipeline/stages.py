@@ -147,7 +147,7 @@ def merge_method(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, metho
     """
     cfg = ctx.cfg
     mcfg = cfg.merge
-    base, experts = model_pool.base(), model_pool.experts()
+    base, experts = ctx.replicate(model_pool.base()), ctx.replicate(model_pool.experts())
 
     def val(params: Params) -> dict[str, float]:
         return scores(score(task_pool, ctx, params, task_pool.select_split))
@@ -226,10 +226,10 @@ def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]
 
 
 def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Params,
-                      calib_inputs: list[Any]) -> tuple[Params, list[dict]]:
+                      calib_inputs: list[Any], resume_dir: str | None = None) -> tuple[Params, list[dict]]:
     """Runs the sequential driver for one variant (:func:`calib_config`) from the float model ``start``.
 
-    With ``run.resume`` the driver checkpoints every block under ``WORKDIR/resume/<variant>``.
+    With ``resume_dir`` the driver checkpoints every block there and resumes from it.
 
     Returns:
       ``(params, stats)``: ``start`` with every calibrated kernel replaced (``QuantizedWeight``,
@@ -238,11 +238,10 @@ def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Pa
     from epmq_jax import calib
 
     config, needs_experts = calib_config(ctx.cfg, v)
-    resume = ctx.workdir / "resume" / v.name if ctx.cfg.run.resume else None
     with ctx.timed("calibrate"):
-        result = calib.calibrate(model_pool.adapter(), start, calib_inputs, config,
-                                 experts=model_pool.experts() if needs_experts else None,
+        result = calib.calibrate(model_pool.adapter(), ctx.replicate(start), calib_inputs, config,
+                                 experts=ctx.replicate(model_pool.experts()) if needs_experts else None,
                                  mesh=ctx.mesh, axis=ctx.axis,
-                                 checkpoint_dir=None if resume is None else str(resume),
+                                 checkpoint_dir=resume_dir,
                                  progress=ctx.progress)
     return result.params, result.stats
