@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from epmq_jax.config import ConfigError, config_name, load_with_overrides, split_override_args
 
@@ -29,6 +29,7 @@ EXAMPLES = {
     "merge": """examples:
   epmq merge --config configs/offline_8task.py --method ta
   epmq merge --config configs/offline_8task.py --method ties --scaling 0.5
+  epmq merge --mergekit recipe.yml --out merged/ --max-shard-size 5GB    # a mergekit recipe, streamed
 """,
     "quantize": """examples:
   epmq quantize --config configs/offline_8task.py --merge ta --method epmq --bits 4
@@ -56,8 +57,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--config", required=required, metavar="FILE[:ARG]",
+def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True,
+                     group: Any = None) -> None:
+    (group or p).add_argument("--config", required=required, metavar="FILE[:ARG]",
                    help="config file with get_config() (ml_collections); FILE:ARG passes ARG to get_config")
     p.add_argument("--workdir", metavar="DIR",
                    help="run directory for outputs and the training cache (default ./runs/<config name>)")
@@ -85,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merges the config's experts (training them first if the pool trains) with "
                        "one method, chooses the merge coefficient (or RegMean's alpha) on validation unless "
                        "the config or --scaling fixes it, evaluates on the reported split and saves the merged "
-                       "parameters. " + OVERRIDES_HELP,
+                       "parameters. " + OVERRIDES_HELP + " With --mergekit instead: runs a mergekit YAML "
+                       "recipe (task_arithmetic, ties, dare_ties, dare_linear, linear) on Hugging Face "
+                       "checkpoints tensor by tensor and writes the merged checkpoint to --out.",
                        epilog=EXAMPLES["merge"], formatter_class=fmt)
-    _add_config_args(p)
-    p.add_argument("--method", required=True, choices=("ta", "ties", "regmean"), help="merge method")
+    source = p.add_mutually_exclusive_group(required=True)
+    _add_config_args(p, required=False, group=source)
+    source.add_argument("--mergekit", metavar="RECIPE.yaml", help="a mergekit recipe to run, streamed")
+    p.add_argument("--method", choices=("ta", "ties", "regmean"), help="merge method (with --config)")
     p.add_argument("--scaling", type=float, help="merge coefficient (default: chosen on validation)")
+    p.add_argument("--out", metavar="DIR", help="with --mergekit: the merged checkpoint directory")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="with --mergekit: shard model.safetensors above this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="with --mergekit: replace an existing --out")
 
     p = sub.add_parser("quantize", help="quantize one merge with one method, evaluate it and save it packed",
                        description="Merges (as 'epmq merge'), quantizes with one method and bit width, "
@@ -125,8 +135,36 @@ def _workdir(args: argparse.Namespace) -> Path:
     return Path(args.workdir) if args.workdir else Path("runs") / config_name(args.config)
 
 
+def _merge_recipe(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    """``epmq merge --mergekit``: no config, no pipeline; the streaming merge of a recipe."""
+    usage = f"{PROG} merge: error: %s (see {PROG} merge --help)"
+    given = [f"--{k}" for k in ("method", "scaling", "workdir") if getattr(args, k) is not None]
+    if given or overrides:
+        raise UsageError(usage % f"{(given or ['--config.*'])[0]} applies to --config merges, not --mergekit")
+    if not args.out:
+        raise UsageError(usage % "--mergekit needs --out DIR")
+    from epmq_jax.merge import merge_recipe
+
+    summary = merge_recipe(args.mergekit, args.out, max_shard_size=args.max_shard_size,
+                           overwrite=args.overwrite, progress=True)
+    print(f"wrote {summary.out_dir}: {summary.merged} tensors merged, {summary.copied} copied "
+          f"({', '.join(summary.files)})")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     # Check everything the user gave before importing the pipeline (and jax): errors come fast.
+    if args.command == "merge":
+        if args.mergekit is not None:
+            return _merge_recipe(args, overrides)
+        stray = [f"--{k}" for k in ("out", "overwrite") if getattr(args, k)]
+        stray += ["--max-shard-size"] if args.max_shard_size != "5GB" else []
+        if stray:
+            raise UsageError(f"{PROG} merge: error: {stray[0]} applies to --mergekit merges "
+                             f"(see {PROG} merge --help)")
+        if args.method is None:
+            raise UsageError(f"{PROG} merge: error: the following arguments are required: --method "
+                             f"(see {PROG} merge --help)")
     if args.command in ("eval", "report"):
         if overrides:
             raise UsageError(f"{PROG} {args.command}: error: --config.* overrides only apply to "

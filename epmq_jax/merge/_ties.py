@@ -111,9 +111,35 @@ def _trim(stacks: list[jax.Array], density: float, trim: str) -> list[jax.Array]
     ct = jnp.result_type(*stacks)  # one bit layout per group, even with mixed f32/f64 leaves
     bits = [_abs_bits(st.astype(ct)) for st in stacks]
     thr = _kth_smallest_bits(bits, groups, k)
-    return [jnp.where(b >= thr[:, g].reshape((-1,) + (1,) * (b.ndim - 1)), st,
-                      jnp.zeros_like(st))
-            for st, b, g in zip(stacks, bits, groups)]
+    return [keep_above(st, b, thr[:, g]) for st, b, g in zip(stacks, bits, groups)]
+
+
+def keep_above(stack: jax.Array, bits: jax.Array, thr: jax.Array) -> jax.Array:
+    """``stack (T, ...)`` with the entries whose magnitude bits (:func:`_abs_bits`) are below
+    ``thr[t]`` zeroed (the trim, given each expert's threshold ``thr (T,)``)."""
+    return jnp.where(bits >= thr.reshape((-1,) + (1,) * (bits.ndim - 1)), stack,
+                     jnp.zeros_like(stack))
+
+
+def disjoint_merge(stack: jax.Array, majority: jax.Array, merge_func: str) -> jax.Array:
+    """Elect and disjoint merge of one leaf's trimmed task vectors ``stack (T, ...)``.
+
+    γ = sign(Σ_t stack_t), ``majority`` where that is 0; the entries agreeing with γ are
+    combined by ``merge_func`` (see the module doc).
+    """
+    s = jnp.sign(jnp.sum(stack, axis=0))
+    s = jnp.where(s == 0, majority.astype(s.dtype), s)
+    sel = jnp.where(jnp.where(s > 0, stack > 0, stack < 0), stack, jnp.zeros_like(stack))
+    if merge_func == "mean":
+        return jnp.sum(sel, 0) / jnp.maximum(jnp.sum(sel != 0, 0), 1).astype(stack.dtype)
+    if merge_func == "sum":
+        return jnp.sum(sel, 0)
+    return jnp.max(jnp.abs(sel), 0) * s
+
+
+def sign_votes(stack: jax.Array) -> jax.Array:
+    """Σ over entries of sign(Σ_t stack_t): the vote that sets the majority sign (int32)."""
+    return jnp.sum(jnp.sign(jnp.sum(stack, axis=0)).astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("density", "trim", "merge_func"))
@@ -130,23 +156,12 @@ def ties_deltas(tvs: Sequence[Sequence[jax.Array]], *, density: float, trim: str
     """
     stacks = _trim([jnp.stack([tv[j] for tv in tvs]) for j in range(len(tvs[0]))],
                    density, trim)
-    signs = [jnp.sign(jnp.sum(st, axis=0)) for st in stacks]
-    votes = [jnp.sum(s.astype(jnp.int32)) for s in signs]
+    votes = [sign_votes(st) for st in stacks]
     if trim == "global":
-        majority = [jnp.sign(sum(votes, jnp.zeros((), jnp.int32)))] * len(signs)
+        majority = [jnp.sign(sum(votes, jnp.zeros((), jnp.int32)))] * len(stacks)
     else:
         majority = [jnp.sign(v) for v in votes]
-    out = []
-    for st, s, m in zip(stacks, signs, majority):
-        s = jnp.where(s == 0, m.astype(s.dtype), s)
-        sel = jnp.where(jnp.where(s > 0, st > 0, st < 0), st, jnp.zeros_like(st))
-        if merge_func == "mean":
-            out.append(jnp.sum(sel, 0) / jnp.maximum(jnp.sum(sel != 0, 0), 1).astype(st.dtype))
-        elif merge_func == "sum":
-            out.append(jnp.sum(sel, 0))
-        else:
-            out.append(jnp.max(jnp.abs(sel), 0) * s)
-    return out
+    return [disjoint_merge(st, m, merge_func) for st, m in zip(stacks, majority)]
 
 
 @functools.partial(jax.jit, static_argnames=("density", "trim", "merge_func"))

@@ -59,6 +59,15 @@ FORMATS: tuple[tuple[str, str, str], ...] = (
     ("msgpack", "flax_model.msgpack", "flax_model.msgpack.index.json"),
     ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
+#: safetensors dtype codes -> numpy dtypes (bfloat16 and float8 from ml_dtypes).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
 _TORCH_FIX = ("reading it needs torch: pip install 'epmq-jax[torch]' (or the CPU wheel of torch), "
               "or convert the checkpoint to safetensors")
 
@@ -179,6 +188,13 @@ class _SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         return self._file.get_tensor(name)
 
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        view = self._file.get_slice(name)  # header only
+        code = view.get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has safetensors dtype {code}, which numpy cannot hold")
+        return tuple(view.get_shape()), SAFETENSORS_DTYPES[code]
+
 
 class _TorchFile:
     """``torch.load(weights_only=True, mmap=True)``: tensors stay on disk until read."""
@@ -211,6 +227,12 @@ class _TorchFile:
         if t.dtype == self._torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
             return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
+
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        t = self._tensors[name]
+        if t.dtype == self._torch.bfloat16:
+            return tuple(t.shape), np.dtype(ml_dtypes.bfloat16)
+        return tuple(t.shape), t.new_empty(0).numpy().dtype
 
 
 def _flax_name(keys: tuple[str, ...]) -> str:
@@ -246,6 +268,9 @@ class _MsgpackFile:
 
     def read(self, name: str) -> np.ndarray:
         return self._arrays[name]
+
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        return self._arrays[name].shape, self._arrays[name].dtype
 
 
 _READERS = {"safetensors": _SafetensorsFile, "msgpack": _MsgpackFile, "bin": _TorchFile}
@@ -312,6 +337,17 @@ class CheckpointTensors(Mapping):
                                  f"{bad} NaN/inf values; pass allow_nonfinite=True to load it "
                                  "anyway")
         return value
+
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype, Path]:
+        """``(shape, dtype, file)`` of a tensor, from the file's header where the format has one
+        (safetensors; a ``.bin`` maps its tensors, a msgpack file is decoded): no data is read."""
+        file = self._where[name]
+        try:
+            shape, dtype = self._reader(file).info(name)
+        except Exception as e:
+            raise ValueError(f"{self.directory / file}: cannot read the header of tensor "
+                             f"{name!r}: {_first_line(e)}") from e
+        return tuple(shape), np.dtype(dtype), self.directory / file
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
