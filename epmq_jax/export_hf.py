@@ -154,7 +154,7 @@ def _float_tensor(path: str, name: str, x: Any, dtype: np.dtype) -> _Tensor:
                              f"{np.dtype(out).name}'s range; export with dtype='float32'")
     axes = _torch_axes(leaf, len(x.shape))
     return _Tensor(name, path, tuple(x.shape[a] for a in axes), np.dtype(out),
-                   lambda: np.ascontiguousarray(np.asarray(x).transpose(axes).astype(out)))
+                   lambda: np.asarray(x).transpose(axes).astype(out, order="C"))
 
 
 def _gptq_tensors(path: str, name: str, qw: QuantizedWeight, fmt: str) -> list[_Tensor]:
@@ -293,7 +293,7 @@ def _write(tmp: Path, config: dict[str, Any], qc: dict[str, Any] | None, shards:
     for file, shard in zip(files, shards):
         arrays = {}
         for t in shard:
-            a = np.ascontiguousarray(t.value())    # safetensors writes memory as it lies
+            a = np.asarray(t.value(), order="C")    # safetensors writes memory as it lies
             if a.shape != t.shape or a.dtype != t.dtype:   # a bug here would be silent on load
                 raise AssertionError(f"{t.name}: planned {t.shape} {t.dtype}, got {a.shape} {a.dtype}")
             arrays[t.name] = a

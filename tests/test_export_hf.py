@@ -110,12 +110,13 @@ def qleaves(tree) -> dict[str, object]:
     return dict(leaves_with_paths(tree, is_leaf=is_quantized))
 
 
-def act_order_gptq(seed: int, spec: QuantSpec):
-    """A quantizer running GPTQ with act-order (dynamic groups) on a random Hessian."""
+def act_order_gptq(seed: int, spec: QuantSpec, static_groups: bool = False):
+    """A quantizer running GPTQ with act-order (dynamic or static groups) on a random Hessian."""
     def quantize(path: str, w: jax.Array) -> QuantizedWeight:
-        x = np.random.default_rng(seed).normal(size=(4 * w.shape[0], w.shape[0]))
-        x = x * np.geomspace(0.1, 10, w.shape[0])         # uneven input scales: a real permutation
-        return gptq(w, jnp.asarray(x.T @ x, jnp.float32), spec, act_order=True)
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(4 * w.shape[0], w.shape[0])) * rng.uniform(0.1, 10, w.shape[0])
+        return gptq(w, jnp.asarray(x.T @ x, jnp.float32), spec, act_order=True,
+                    static_groups=static_groups)
     return quantize
 
 
@@ -148,7 +149,11 @@ def test_llama_directory_loads_into_transformers_with_equal_logits(tmp_path, fmt
     model = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     spec = QuantSpec(bits=4, group_size=32)
     params = quantize_params(pure(model), r"layers/0/self_attn/q_proj/kernel", act_order_gptq(1, spec))
+    params = quantize_params(params, r"layers/0/self_attn/k_proj/kernel",
+                             act_order_gptq(2, spec, static_groups=True))
     params = quantize_params(params, BLOCK_LINEARS, spec)
+    q, k = (params["model"]["layers"][0]["self_attn"][n]["kernel"].g_idx for n in ("q_proj", "k_proj"))
+    assert not np.all(np.diff(np.asarray(q)) >= 0) and np.all(np.diff(np.asarray(k)) >= 0)
     out = save_pretrained(model, params, tmp_path / "llama-gptq", checkpoint_format=fmt)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
     read = check_against_source(out, model, params)
@@ -215,21 +220,46 @@ def test_t5_directory_loads_into_transformers_with_equal_logits(tmp_path):
 
 
 def test_float_export_transposes_non_square_kernels_exactly(tmp_path):
-    """No quantized kernel: a plain float32 directory; every non-square kernel is stored as its
-    transpose (C order, not a permuted view), and from_pretrained gives every param back exactly."""
+    """No quantized kernel: a plain float32 directory whose non-square kernels are stored as their
+    transposes (C order, not a permuted view)."""
     model = llama.LlamaForCausalLM(llama.LlamaConfig.tiny(), rngs=nnx.Rngs(5))
     params = pure(model)
     out = save_pretrained(model, None, tmp_path / "fp", dtype="float32")
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "float32"
+    assert not (out / "quantize_config.json").exists()
     stored = load_file(out / "model.safetensors")
     kernel = np.asarray(params["lm_head"]["kernel"])                     # (64, 128)
     assert stored["lm_head.weight"].shape == (128, 64)
     np.testing.assert_array_equal(stored["lm_head.weight"], kernel.T)
     k = np.asarray(params["model"]["layers"][0]["self_attn"]["k_proj"]["kernel"])   # (64, 32)
     np.testing.assert_array_equal(stored["model.layers.0.self_attn.k_proj.weight"], k.T)
-    back = pure(from_pretrained(out))
-    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: llama.LlamaForCausalLM(llama.LlamaConfig.tiny("qwen2", tie_word_embeddings=True),
+                                   rngs=nnx.Rngs(1)),
+    lambda: clip.CLIPModel(clip.CLIPConfig(
+        vision_config=clip.CLIPVisionConfig.small(), projection_dim=64,
+        text_config=clip.CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=16, projection_dim=64)),
+        rngs=nnx.Rngs(2)),
+    lambda: t5.T5ForConditionalGeneration(t5.T5Config(
+        vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=2, num_heads=4,
+        tie_word_embeddings=True, scale_decoder_outputs=True), rngs=nnx.Rngs(3)),
+    lambda: bert.BertModel(bert.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=64,
+                                           max_position_embeddings=20), rngs=nnx.Rngs(4)),
+], ids=["qwen2-tied", "clip", "t5-tied", "bert"])
+def test_every_family_round_trips_through_its_names(tmp_path, build):
+    """Each family's ``to_hf`` inverts its ``from_hf`` renaming: from_pretrained gives every param
+    (float32) back exactly, in a model of the same config."""
+    model = build()
+    out = save_pretrained(model, None, tmp_path / "fp", dtype="float32")
+    back = from_pretrained(out)
+    assert type(back) is type(model) and back.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, pure(back), pure(model))
 
 
 # --------------------------------------------------------------------------- (b) round trip

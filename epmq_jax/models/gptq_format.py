@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -189,8 +190,8 @@ def from_gptq(tensors: Mapping[str, np.ndarray], settings: GPTQSettings, *,
     zeros = np.asarray(unpack_codes(_bytes(qzeros.T), b, d_out)).T.astype(np.float32)
     if settings.checkpoint_format == "gptq":
         zeros = zeros + 1
-    return QuantizedWeight(packed=jax.numpy.asarray(_bytes(qweight)), scales=jax.numpy.asarray(scales),
-                           zeros=jax.numpy.asarray(zeros), g_idx=jax.numpy.asarray(g_idx, np.int32),
+    return QuantizedWeight(packed=jnp.asarray(_bytes(qweight)), scales=jnp.asarray(scales),
+                           zeros=jnp.asarray(zeros), g_idx=jnp.asarray(g_idx, jnp.int32),
                            bits=b, group_size=settings.group_size, symmetric=settings.sym,
                            shape=(d_in, d_out), dtype=dtype)
 
@@ -255,18 +256,19 @@ class GPTQTensors(Mapping):
         hidden = {f"{b}.{s}" for b in bases for s in SUFFIXES}
         self._names = [f"{n.removesuffix('.qweight')}.weight" if n.endswith(".qweight") else n
                        for n in tensors if n not in hidden or n.endswith(".qweight")]
+        self._name_set = set(self._names)
 
     def __getitem__(self, name: str) -> Any:
         base = self.quantized.get(name)
         if base is None:
-            if name not in self._names:
+            if name not in self._name_set:
                 raise KeyError(name)
             return self._tensors[name]
         parts = {s: self._tensors[f"{base}.{s}"] for s in SUFFIXES if f"{base}.{s}" in self._tensors}
         return from_gptq(parts, self.settings, dtype=self.dtype, name=base)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.quantized or (name in self._tensors and name in self._names)
+        return name in self._name_set
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
