@@ -458,12 +458,13 @@ def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray],
     slashes, giving a model path such as ``encoder/layers/0/self_attn/q_proj/weight``. A final
     ``weight`` lands on whichever of ``kernel``, ``scale`` or ``embedding`` the model has there;
     other names must match the model path exactly. Kernels are converted from torch layout
-    (2-D ``(out, in)`` -> ``(in, out)``, 4-D OIHW -> HWIO); a tensor that is a ``QuantizedWeight``
-    (a GPTQ linear, :class:`~epmq_jax.models.gptq_format.GPTQTensors`) is already in Flax layout
-    and becomes the kernel's value as it is (dequantizing to the param's dtype). ``module`` may be abstract (from
-    :func:`abstract`): every param is replaced by a ``jax.Array``. Tensors are read one at a
-    time (skipped names are never read) and made ``jax.Array`` at once, so a lazy
-    ``tensors`` (:func:`open_tensors`) is not held in host memory beside the model.
+    (2-D ``(out, in)`` -> ``(in, out)``, 4-D OIHW -> HWIO); a tensor that is a
+    ``QuantizedWeight`` (a GPTQ linear, :class:`~epmq_jax.models.gptq_format.GPTQTensors`) is
+    already in Flax layout and becomes the kernel's value as it is (dequantizing to the param's
+    dtype). ``module`` may be abstract (from :func:`abstract`): every param is replaced by a
+    ``jax.Array``. Tensors are read one at a time (skipped names are never read) and made
+    ``jax.Array`` at once, so a lazy ``tensors`` (:func:`open_tensors`) is not held in host
+    memory beside the model.
     Two checkpoint names for one param (tied weights) are an error: drop one with ``rename``.
 
     Args:
