@@ -2,7 +2,8 @@
 
 ``save(path, tree)`` / ``load(path)`` go through orbax, keep quantized kernels packed, verify
 every byte on load and load on any device topology. ``export_safetensors(tree, file)`` writes
-one flat safetensors file for other runtimes.
+one flat safetensors file for other runtimes. ``save_pretrained(model, params, out_dir)``
+(:mod:`epmq_jax.export_hf`) writes a Hugging Face GPTQ model directory for serving stacks.
 
 **Orbax layout** (``path`` is a directory)::
 
@@ -76,6 +77,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from epmq_jax._tree import leaves_with_paths, path_str
+from epmq_jax.export_hf import save_pretrained  # noqa: F401  (re-exported)
 from epmq_jax.quant import QuantizedWeight, is_quantized
 
 FORMAT = "epmq-jax-tree/2"

@@ -1,6 +1,7 @@
 """The ``epmq`` command line: thin wrappers that parse arguments and call :mod:`epmq_jax.pipeline`.
 
-Subcommands: ``run`` (the whole benchmark job), ``merge``, ``quantize``, ``eval``, ``report``.
+Subcommands: ``run`` (the whole benchmark job), ``merge``, ``quantize``, ``eval``, ``report``,
+``export`` (a checkpoint as a Hugging Face GPTQ directory).
 Every error the user can cause (a missing file, a bad override, a bad value) ends in one line
 ``epmq <cmd>: error: ...`` on stderr and exit status 2, never a traceback.
 """
@@ -38,6 +39,10 @@ EXAMPLES = {
     "eval": """examples:
   epmq eval --checkpoint runs/offline_8task/checkpoints/ta_epmq_w4
   epmq eval --checkpoint runs/clip_vit_b32_ta8/checkpoints/ta_epmq_w4    # a Hugging Face run's checkpoint
+""",
+    "export": """examples:
+  epmq export --checkpoint runs/offline_8task/checkpoints/ta_epmq_w4 --out /tmp/ta_epmq_w4-gptq
+  epmq export --checkpoint runs/llama/checkpoints/ta_epmq_w4 --out llama-gptq --format gptq_v2 --overwrite
 """,
     "report": """examples:
   epmq report --workdir runs/offline_8task
@@ -120,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES["eval"], formatter_class=fmt)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
 
+    p = sub.add_parser("export", help="write a packed checkpoint as a Hugging Face GPTQ model directory",
+                       description="Writes the model of a checkpoint from 'epmq run' or 'epmq quantize' as a "
+                       "Hugging Face directory (config.json with quantization_config, model.safetensors with "
+                       "GPTQ-packed linears, tokenizer files) that transformers, GPTQModel and vLLM load and "
+                       "epmq_jax.models.from_pretrained reads back. CLIP runs give the vision tower "
+                       "(CLIPVisionModelWithProjection).",
+                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--format", default="gptq", choices=("gptq", "gptq_v2"),
+                   help="checkpoint_format: gptq (v1, zero points minus one; AutoGPTQ, transformers, "
+                   "vLLM) or gptq_v2 (GPTQModel); default gptq")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
+
     p = sub.add_parser("report", help="print the table of a finished run and rewrite its report files",
                        description="Prints the table from results.json and rewrites results.md, results.csv "
                        "(and, with --plots, the PNG plots) next to it.",
@@ -165,12 +184,12 @@ def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         if args.method is None:
             raise UsageError(f"{PROG} merge: error: the following arguments are required: --method "
                              f"(see {PROG} merge --help)")
-    if args.command in ("eval", "report"):
+    if args.command in ("eval", "report", "export"):
         if overrides:
             raise UsageError(f"{PROG} {args.command}: error: --config.* overrides only apply to "
                              "run, merge and quantize")
-        if args.command == "eval" and not Path(args.checkpoint).is_dir():
-            raise UsageError(f"{PROG} eval: error: no checkpoint directory at {args.checkpoint}")
+        if args.command in ("eval", "export") and not Path(args.checkpoint).is_dir():
+            raise UsageError(f"{PROG} {args.command}: error: no checkpoint directory at {args.checkpoint}")
         results = Path(args.results) if args.command == "report" and args.results else None
         if args.command == "report":
             results = results or Path(args.workdir) / "results.json"
@@ -187,6 +206,10 @@ def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
     if args.command == "report":
         pipeline.write_report(report.read_json(results), results.parent, plots=args.plots)
+    elif args.command == "export":
+        from epmq_jax.export_hf import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.out, checkpoint_format=args.format, overwrite=args.overwrite)
     elif args.command == "eval":
         result = pipeline.eval_checkpoint(Path(args.checkpoint))
         return 0 if result["matches_recorded"] in (True, None) else 1

@@ -43,7 +43,7 @@ def run_main(capsys, *argv):
     return rc, out, err
 
 
-@pytest.mark.parametrize("cmd", ["run", "merge", "quantize", "eval", "report"])
+@pytest.mark.parametrize("cmd", ["run", "merge", "quantize", "eval", "report", "export"])
 def test_every_subcommand_has_help_with_examples(capsys, cmd):
     with pytest.raises(SystemExit) as e:
         cli.main([cmd, "--help"])
@@ -57,7 +57,7 @@ def test_top_level_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("run", "merge", "quantize", "eval", "report"):
+    for cmd in ("run", "merge", "quantize", "eval", "report", "export"):
         assert f"    {cmd} " in out
 
 

@@ -211,3 +211,14 @@ def from_hf(config: dict, tensors: Mapping[str, np.ndarray], *, dtype: Any = Non
     return hf.load_into(model, tensors, lambda n: n.removeprefix("bert."),
                         ignore=[r"position_ids$", r"token_type_ids$", r"^(cls|classifier)\."],
                         dtype=dtype)
+
+
+def hf_config(config: BertConfig) -> dict:
+    """The transformers ``config.json`` dict of ``config`` (:meth:`BertConfig.from_dict` reads it back)."""
+    return {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(config)}
+
+
+def to_hf(name: str, model_type: str) -> str:
+    """The checkpoint name of a model param's dotted name (the inverse of :func:`from_hf`'s
+    renaming: a ``BertModel`` checkpoint's names, without the ``bert.`` of ``BertFor*``)."""
+    return name

@@ -412,3 +412,39 @@ def from_hf(config: dict, tensors: Mapping[str, np.ndarray], *, dtype: Any = Non
                             dtype=dtype)
     raise ValueError(f"clip.from_hf: model_type={model_type!r}; expected 'clip' or "
                      "'clip_vision_model'")
+
+
+def hf_config(config: CLIPVisionConfig | CLIPConfig) -> dict:
+    """The transformers ``config.json`` dict of a model's config (:func:`from_hf` reads it back).
+
+    A :class:`CLIPVisionConfig` gives a ``clip_vision_model`` config (architecture
+    ``CLIPVisionModelWithProjection``), a :class:`CLIPConfig` a two-tower ``clip`` one.
+    """
+    if isinstance(config, CLIPVisionConfig):
+        return {"model_type": "clip_vision_model",
+                "architectures": ["CLIPVisionModelWithProjection"], **dataclasses.asdict(config)}
+    if isinstance(config, CLIPConfig):
+        return {"model_type": "clip", "architectures": ["CLIPModel"],
+                "projection_dim": config.projection_dim,
+                "logit_scale_init_value": config.logit_scale_init_value,
+                "vision_config": dataclasses.asdict(config.vision_config),
+                "text_config": dataclasses.asdict(config.text_config)}
+    raise ValueError(f"clip.hf_config: expected a CLIPVisionConfig or CLIPConfig, got "
+                     f"{type(config).__name__}")
+
+
+def to_hf(name: str, model_type: str) -> str:
+    """The checkpoint name of a model param's dotted name: the inverse of :func:`from_hf`'s renaming.
+
+    ``clip_vision_model`` (``CLIPVisionModelWithProjection``): ``visual_projection.*`` as is,
+    everything else under ``vision_model.``; ``clip``: the projections move out of the towers
+    (``vision_model.visual_projection.*`` -> ``visual_projection.*``, same for the text side).
+    """
+    if model_type == "clip_vision_model":
+        return name if name.startswith("visual_projection.") else "vision_model." + name
+    if model_type == "clip":
+        for tower, head in (("vision_model.", "visual_projection."), ("text_model.", "text_projection.")):
+            if name.startswith(tower + head):
+                return name[len(tower):]
+        return name
+    raise ValueError(f"clip.to_hf: model_type={model_type!r}; expected 'clip' or 'clip_vision_model'")

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -38,6 +39,8 @@ from flax import nnx, serialization, traverse_util
 from safetensors import safe_open
 
 from epmq_jax._tree import path_str
+from epmq_jax.models import gptq_format
+from epmq_jax.quant import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -491,10 +494,13 @@ def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray],
     slashes, giving a model path such as ``encoder/layers/0/self_attn/q_proj/weight``. A final
     ``weight`` lands on whichever of ``kernel``, ``scale`` or ``embedding`` the model has there;
     other names must match the model path exactly. Kernels are converted from torch layout
-    (2-D ``(out, in)`` -> ``(in, out)``, 4-D OIHW -> HWIO). ``module`` may be abstract (from
-    :func:`abstract`): every param is replaced by a ``jax.Array``. Tensors are read one at a
-    time (skipped names are never read) and made ``jax.Array`` at once, so a lazy
-    ``tensors`` (:func:`open_tensors`) is not held in host memory beside the model.
+    (2-D ``(out, in)`` -> ``(in, out)``, 4-D OIHW -> HWIO); a tensor that is a
+    ``QuantizedWeight`` (a GPTQ linear, :class:`~epmq_jax.models.gptq_format.GPTQTensors`) is
+    already in Flax layout and becomes the kernel's value as it is (dequantizing to the param's
+    dtype). ``module`` may be abstract (from :func:`abstract`): every param is replaced by a
+    ``jax.Array``. Tensors are read one at a time (skipped names are never read) and made
+    ``jax.Array`` at once, so a lazy ``tensors`` (:func:`open_tensors`) is not held in host
+    memory beside the model.
     Two checkpoint names for one param (tied weights) are an error: drop one with ``rename``.
 
     Args:
@@ -528,14 +534,17 @@ def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray],
         if path not in params or path in assigned:
             unknown.append(name)
             continue
-        value = _hf_to_flax_layout(path.rsplit("/", 1)[-1], np.asarray(tensors[name]))
+        value = tensors[name]
+        if not is_quantized(value):   # a QuantizedWeight (GPTQ checkpoints) is in Flax layout
+            value = _hf_to_flax_layout(path.rsplit("/", 1)[-1], np.asarray(value))
         want = tuple(params[path].shape)
-        if tuple(value.shape) != want:
+        if tuple(value.shape) != want or (is_quantized(value) and not path.endswith("kernel")):
             mismatched.append((name, path, tuple(value.shape), want))
             continue
         own = params[path].dtype
-        assigned[path] = jnp.asarray(
-            value, dtype=dtype if dtype is not None and jnp.issubdtype(own, jnp.floating) else own)
+        own = dtype if dtype is not None and jnp.issubdtype(own, jnp.floating) else own
+        assigned[path] = (dataclasses.replace(value, dtype=np.dtype(own).name)
+                          if is_quantized(value) else jnp.asarray(value, dtype=own))
     missing = sorted(set(params) - set(assigned) - {m[1] for m in mismatched})
     if unknown or missing or mismatched:
         raise CheckpointMismatchError(sorted(unknown), missing, mismatched)
@@ -593,7 +602,8 @@ def _param_dtype(dtype: Any, config: Mapping[str, Any], where: str) -> Any:
 
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
-                    dtype: Any = None, allow_nonfinite: bool = False) -> nnx.Module:
+                    dtype: Any = None, allow_nonfinite: bool = False,
+                    quantized: str = "dequantize") -> nnx.Module:
     """Loads a Hugging Face checkpoint as a Flax nnx module.
 
     Args:
@@ -605,11 +615,18 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, *, revision: str | None 
             ``torch_dtype`` / ``dtype``; float32 when it has neither). Computation follows the
             module (T5 computes in float32; CLIP and BERT in the inputs' and params' dtype).
         allow_nonfinite: accept NaN/inf in the weights (refused by default).
+        quantized: for a GPTQ checkpoint (``quantization_config`` with ``quant_method: gptq``,
+            e.g. written by :func:`epmq_jax.checkpoint.save_pretrained`): ``"dequantize"`` gives
+            float kernels; ``"packed"`` swaps each quantized ``nnx.Linear`` for an
+            :class:`epmq_jax.nn.QuantLinear` holding the checkpoint's packed
+            ``QuantizedWeight`` (``nnx.state(model, nnx.Param)`` then has the packed leaves, at
+            the float model's paths). No effect on checkpoints without GPTQ tensors.
 
     Returns:
         The model for ``config.json``'s ``model_type``: ``clip`` -> ``CLIPModel``,
         ``clip_vision_model`` -> ``CLIPVisionModelWithProjection`` (``visual_projection`` None
-        when the checkpoint has none), ``bert`` -> ``BertModel``, ``t5`` -> the T5 model.
+        when the checkpoint has none), ``bert`` -> ``BertModel``, ``t5`` -> the T5 model,
+        ``llama``/``mistral``/``qwen2``/``qwen3`` -> ``LlamaForCausalLM``.
 
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`. ImportError: a ``pytorch_model.bin``
@@ -623,7 +640,13 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, *, revision: str | None 
     if model_type not in FAMILIES:
         raise ValueError(f"{directory}/config.json has model_type={model_type!r}; supported: "
                          f"{sorted(FAMILIES)}")
+    if quantized not in ("dequantize", "packed"):
+        raise ValueError(f"from_pretrained: quantized={quantized!r}; expected 'dequantize' or 'packed'")
     param_dtype = _param_dtype(dtype, config, f"{directory}/config.json")
     family = importlib.import_module(FAMILIES[model_type])
-    return family.from_hf(config, open_tensors(directory, allow_nonfinite=allow_nonfinite),
-                          dtype=param_dtype)
+    tensors: Mapping[str, Any] = open_tensors(directory, allow_nonfinite=allow_nonfinite)
+    gptq = gptq_format.read_settings(config, directory)
+    if gptq is not None:
+        tensors = gptq_format.GPTQTensors(tensors, gptq)
+    model = family.from_hf(config, tensors, dtype=param_dtype)
+    return model if gptq is None else gptq_format.finish_model(model, quantized)

@@ -667,3 +667,29 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
     tied = cfg.tie_word_embeddings
     return hf.load_into(model, tensors, lambda k: None if tied and k == "lm_head.weight" else k,
                         ignore=_IGNORED)
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_config(config: LlamaConfig) -> dict[str, Any]:
+    """The transformers ``config.json`` dict of ``config`` (:meth:`LlamaConfig.from_dict` reads it back).
+
+    The rotary parameters are written as the legacy ``rope_theta`` + ``rope_scaling`` keys,
+    which transformers 4 and 5 and vLLM all read; qwen2/qwen3 get ``use_sliding_window``.
+    """
+    d: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d["rope_scaling"] = dict(config.rope_scaling) if config.rope_scaling else None
+    d["layer_types"] = list(config.layer_types)
+    if isinstance(config.eos_token_id, tuple):
+        d["eos_token_id"] = list(config.eos_token_id)
+    if config.model_type in ("qwen2", "qwen3"):
+        d["use_sliding_window"] = config.sliding_window is not None
+    return {"architectures": [_ARCHITECTURES[config.model_type]], **d}
+
+
+def to_hf(name: str, model_type: str) -> str:
+    """The checkpoint name of a model param's dotted name (the inverse of :func:`from_hf`'s
+    renaming: transformers' names are the model's own)."""
+    return name

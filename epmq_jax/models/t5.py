@@ -487,3 +487,22 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
     model = hf.abstract(lambda: T5ForConditionalGeneration(cfg, rngs=hf.ABSTRACT_RNGS))
     return hf.load_into(model, tensors, rename=lambda k: None if k in _EMBED_ALIASES else k,
                         ignore=_IGNORED, dtype=dtype)
+
+
+def hf_config(config: T5Config) -> dict[str, Any]:
+    """The transformers ``config.json`` dict of ``config`` (:meth:`T5Config.from_hf` reads it back).
+
+    ``tie_word_embeddings`` and ``scale_decoder_outputs`` are both written: transformers 5 reads
+    the explicit ``scale_decoder_outputs``; the head is tied when the checkpoint has no
+    ``lm_head.weight``.
+    """
+    d = dataclasses.asdict(config)
+    d["num_decoder_layers"] = config.n_decoder_layers
+    return {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+            "is_encoder_decoder": True, **d}
+
+
+def to_hf(name: str, model_type: str) -> str:
+    """The checkpoint name of a model param's dotted name (the inverse of :func:`from_hf`'s
+    renaming: transformers' names are the model's own)."""
+    return name

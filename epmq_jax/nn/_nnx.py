@@ -42,8 +42,9 @@ class QuantLinear(nnx.Module):
 
     @classmethod
     def from_linear(cls, linear: nnx.Linear, quantizer: Quantizer, path: str = "kernel"):
-        """Quantizes a trained ``nnx.Linear`` (``quantizer`` as in ``quantize_params``)."""
-        kernel = quantize_kernel(path, linear.kernel[...], quantizer)
+        """Quantizes a trained ``nnx.Linear`` (``quantizer`` as in ``quantize_params``; a kernel
+        that already is a ``QuantizedWeight`` is kept)."""
+        kernel = quantize_kernel(path, linear.kernel.get_value(), quantizer)
         bias = None if linear.bias is None else linear.bias[...]
         return cls(linear.in_features, linear.out_features, kernel=kernel,
                    use_bias=bias is not None, bias=bias)

@@ -48,7 +48,10 @@ def quantize_params(params: Any, rule: PathFilter, quantizer: Quantizer) -> Any:
 
 
 def quantize_kernel(path: str, w: jax.Array, quantizer: Quantizer) -> QuantizedWeight:
-    """Quantizes one kernel ``(d_in, d_out)``; errors name ``path``. See :func:`quantize_params`."""
+    """Quantizes one kernel ``(d_in, d_out)`` (a ``QuantizedWeight`` is returned as it is);
+    errors name ``path``. See :func:`quantize_params`."""
+    if is_quantized(w):
+        return w
     if isinstance(quantizer, QuantSpec):
         check_kernel(w, quantizer, name=path)
         return rtn(w, quantizer)
