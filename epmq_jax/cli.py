@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
-    except (ConfigError, OSError, ValueError) as e:
+    except (ConfigError, OSError, ValueError, ImportError) as e:
         if os.environ.get("EPMQ_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
