@@ -171,14 +171,17 @@ def _round_rows(x, w0, s, z, c, maxq):
       ``(q, d)``, each (b, m): float codes and the differences ``w0 - dequant(q)``.
     """
     def row(r, carry):
-        x, q, d = carry
+        x, q, d, d_prev = carry
+        # Row r-1's update is applied here, from the carried d_prev: applied in the iteration
+        # that computes it, XLA fuses the rounding of row r-1 into the (b, m) update and
+        # recomputes it b times. Rows < r are finished; d_prev = 0 at r = 0.
+        x = x + c[:, r - 1][:, None] * d_prev[None, :]
         qr = quantize_codes(x[r], s[r], z[r], maxq)
         dr = w0[r] - s[r] * (qr - z[r])
-        x = x + c[:, r][:, None] * dr[None, :]     # rows <= r are finished or unchanged
-        return x, q.at[r].set(qr), d.at[r].set(dr)
+        return x, q.at[r].set(qr), d.at[r].set(dr), dr
 
     zeros = jnp.zeros_like(x)
-    _, q, d = lax.fori_loop(0, x.shape[0], row, (x, zeros, zeros))
+    _, q, d, _ = lax.fori_loop(0, x.shape[0], row, (x, zeros, zeros, zeros[0]))
     return q, d
 
 
