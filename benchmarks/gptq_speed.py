@@ -1,21 +1,28 @@
-"""GPTQ speed per layer: epmq_jax.quant.gptq vs the reference PyTorch GPTQ vs qwix's GPTQ.
+"""GPTQ time per layer: epmq_jax.quant.gptq against the reference PyTorch GPTQ and a dense floor.
 
-Prints one table. For each kernel shape (d_in x d_out; ViT-B/32 and ViT-L/14 linear layers):
-the first call of our jit GPTQ (compile + run), the steady-state time per layer (median of
-``--repeats`` calls), the reference implementation (IST-DASLab/gptq ``GPTQ.fasterquant``,
-PyTorch on CPU with the same number of threads; one call by default, as eager PyTorch has
-nothing to compile) and qwix's ``gptq_core.quantize_weight``
-(first call = compile + run, then steady state) where its compile fits ``--qwix-max-d-in``.
-All methods: 4 bits, group size 128, block 128, damping 0.01, same W and H; asymmetric grid
-except qwix (symmetric: its asymmetric path fails).
+Prints one table. For each weight (given as the reference stores it, ``W (out x in)``; the
+project's kernel is its transpose, ``(d_in, d_out)``), 4 bits, group 128, block 128, damping
+0.01, the same W and H for all:
+
+- ``reference``: IST-DASLab/gptq ``GPTQ.fasterquant`` (PyTorch, CPU, as many threads as JAX);
+- ``project``: ``epmq_jax.quant.gptq`` (jitted; compiled before timing, ``compile`` is its
+  first call);
+- ``floor``: the dense algebra the reference's method needs, jitted: a Cholesky and a
+  triangular inverse of H, the lazy-update flops as one matmul, and a loop of d_in rank-1
+  updates of a 128-row block (the project needs less than this: one Cholesky, no inverse);
+- ``obj`` : the project's objective tr(ΔᵀHΔ) over the reference's (float64; ~1 = the same
+  rounding quality).
+
+Times are the minimum over ``--rounds`` interleaved rounds (reference, project, floor,
+reference, ...; see ``benchmarks/_machine.py``), after one untimed round. The machine and
+its load are printed; on a loaded machine (1-minute load above half the cores) the script
+refuses to run unless ``--allow-load``, and then marks its table as not valid.
 
 The reference code is not part of this repository. Get it with::
 
     git clone https://github.com/IST-DASLab/gptq /tmp/ref_gptq   # needs gptq.py, quant.py
 
-and pass ``--reference-dir /tmp/ref_gptq``; without it that column is skipped.
-
-Run (about 10 minutes on an idle 2-core CPU, mostly the reference)::
+Run (a few minutes on an idle 2-core CPU)::
 
     python benchmarks/gptq_speed.py --reference-dir /tmp/ref_gptq
 """
@@ -26,8 +33,6 @@ import argparse
 import contextlib
 import io
 import os
-import statistics
-import subprocess
 import sys
 import time
 
@@ -35,14 +40,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epmq_jax.quant import QuantSpec, gptq
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import add_load_args, check_quiet, finish, interleaved_min  # noqa: E402
 
-SHAPES = [(768, 768), (768, 3072), (3072, 768), (1024, 4096), (4096, 1024)]
+from epmq_jax.quant import QuantSpec, gptq  # noqa: E402
+
+# W (out x in): the three of issue 14 (ViT-B fc1, fc2, qkv), then ViT-B's attention output
+# and ViT-L/14's MLP.
+SHAPES = [(3072, 768), (768, 3072), (2304, 768), (768, 768), (4096, 1024), (1024, 4096)]
 SPEC = QuantSpec(bits=4, group_size=128)
+BLOCK = 128
+_HI = jax.lax.Precision.HIGHEST
 
 
-def problem(d_in: int, d_out: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A kernel and the Hessian XᵀX/n of 2*d_in correlated calibration inputs."""
+def problem(d_out: int, d_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A kernel ``(d_in, d_out)`` and the Hessian XᵀX/n of 2*d_in correlated inputs."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(2 * d_in, d_in)).astype(np.float32)
     x = x + 0.5 * x.mean(axis=1, keepdims=True)
@@ -51,112 +63,103 @@ def problem(d_in: int, d_out: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return w, h
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of the next ``repeats`` calls; the first if none)."""
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times) if times else first
+def objective(dq: np.ndarray, w: np.ndarray, h: np.ndarray) -> float:
+    """tr(ΔᵀHΔ) in float64, Δ = dq - w (Flax layout)."""
+    d = np.asarray(dq, np.float64) - w
+    return float(np.sum(d * (h.astype(np.float64) @ d)))
 
 
-def ours(w, h, repeats):
-    wj, hj = jnp.asarray(w), jnp.asarray(h)
-    return timed(lambda: jax.block_until_ready(gptq(wj, hj, SPEC).packed), repeats)
+@jax.jit
+def floor(w: jax.Array, h: jax.Array) -> jax.Array:
+    """The dense algebra of the reference's GPTQ, without its rounding logic."""
+    n, m = w.shape
+    lower = jnp.linalg.cholesky(h)
+    u = jax.scipy.linalg.solve_triangular(lower, jnp.eye(n, dtype=h.dtype), lower=True)
+    n_blocks = -(-n // BLOCK)
+    k = max(1, round(n * (1 - 1 / n_blocks) / 2))    # Σ_blocks BLOCK·(rows after it) = n·k
+    lazy = jnp.dot(u[:, :k], w[:k], precision=_HI)
+
+    def rank1(i, tile):
+        row = tile[i % BLOCK]
+        err = row - jnp.round(row * 8.0) / 8.0
+        return tile - u[i, :BLOCK][:, None] * err[None, :]
+
+    tile = jax.lax.fori_loop(0, n, rank1, w[:BLOCK])
+    return jnp.sum(lazy) + jnp.sum(tile)
 
 
-def reference(w, h, repeats, ref_dir):
+def reference_runner(w: np.ndarray, h: np.ndarray, ref_dir: str):
+    """A call running the reference on (w, h); the call returns the dequantized kernel."""
     import torch
+
     sys.path.insert(0, ref_dir)
     torch.cuda.synchronize = lambda *a, **k: None  # the reference syncs CUDA; CPU-only here
     with contextlib.redirect_stdout(io.StringIO()):
         from gptq import GPTQ
         from quant import Quantizer
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
     d_in, d_out = w.shape
 
-    def run():
+    def run() -> np.ndarray:
         layer = torch.nn.Linear(d_in, d_out, bias=False)
-        layer.weight.data = torch.from_numpy(w.T.copy())
+        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
         g = GPTQ(layer)
         g.H = torch.from_numpy(h.copy())
         g.quantizer = Quantizer()
         g.quantizer.configure(SPEC.bits, perchannel=True, sym=False)
         with contextlib.redirect_stdout(io.StringIO()):
-            g.fasterquant(blocksize=128, percdamp=0.01, groupsize=SPEC.group_size)
+            g.fasterquant(blocksize=BLOCK, percdamp=0.01, groupsize=SPEC.group_size)
+        return layer.weight.data.numpy().T
 
-    return timed(run, repeats)[1]
-
-
-def qwix(w, h, repeats):
-    from qwix._src.core import qarray
-    from qwix.contrib import gptq_core
-    # Symmetric (absmax): qwix 0.x's GPTQ fails on asymmetric grids (`zero_point and ...` on
-    # an array); the work per column is the same.
-    how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[0],
-                               tiled_axes={1: SPEC.group_size}, calibration_method="absmax")
-    fn = jax.jit(lambda W, H: gptq_core.quantize_weight(W, H, how, blocksize=128,
-                                                         percdamp=0.01)[0].qvalue)
-    wt, hj = jnp.asarray(w.T), jnp.asarray(h)
-    return timed(lambda: jax.block_until_ready(fn(wt, hj)), repeats)
-
-
-def qwix_with_timeout(d_in: int, d_out: int, timeout: float) -> str:
-    """qwix's (first, steady) in a child process, or a note if it did not finish in time."""
-    cmd = [sys.executable, __file__, "--qwix-child", f"{d_in}x{d_out}"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
-    except subprocess.TimeoutExpired:
-        return f"{'>' + str(int(timeout)):>8} {'-':>7}"
-    first, steady = (float(v) for v in out.stdout.split()[-2:])
-    return f"{first:8.1f} {steady:7.3f}"
+    return run
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-dir", default=None, help="folder with IST-DASLab gptq.py, quant.py")
-    p.add_argument("--repeats", type=int, default=3, help="steady-state calls of ours")
-    p.add_argument("--ref-repeats", type=int, default=0,
-                   help="extra reference calls (eager PyTorch: its first call is already steady)")
-    p.add_argument("--qwix-max-d-in", type=int, default=768,
-                   help="run qwix only up to this d_in (its compile time grows with d_in)")
-    p.add_argument("--qwix-timeout", type=float, default=300,
-                   help="seconds allowed for qwix's first call (compile) plus one more call")
-    p.add_argument("--shapes", default=None, help="e.g. 768x768,3072x768")
-    p.add_argument("--qwix-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    p.add_argument("--shapes", default=None,
+                   help="W shapes as out x in, comma-separated, e.g. 3072x768,768x3072")
+    add_load_args(p)
     args = p.parse_args()
-    if args.qwix_child:
-        print(*qwix(*problem(*(int(v) for v in args.qwix_child.split("x"))), 1))
-        return
     shapes = SHAPES if args.shapes is None else [
         tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ref_ok = args.reference_dir is not None and os.path.exists(
         os.path.join(args.reference_dir, "gptq.py"))
+    threads = len(os.sched_getaffinity(0))
+    if ref_ok:
+        import torch
+        torch.set_num_threads(threads)
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{len(os.sched_getaffinity(0))} CPU threads; 4-bit, group 128, block 128")
-    head = (f"{'d_in x d_out':>12} | {'ours 1st':>8} {'ours':>7} | {'ref':>7} {'ref/ours':>8} | "
-            f"{'qwix 1st':>8} {'qwix':>7}")
+    loaded = check_quiet(args.allow_load)
+    print(f"{threads} threads for JAX and torch; 4-bit, group {SPEC.group_size}, block {BLOCK}, "
+          f"damp 0.01; min of {args.rounds} interleaved rounds, milliseconds"
+          + ("" if ref_ok else "; no --reference-dir: reference column skipped"))
+    head = (f"{'W out x in':>11} | {'reference':>9} {'project':>8} {'floor':>8} | "
+            f"{'proj/ref':>8} {'proj/floor':>10} | {'compile s':>9} {'obj':>6}")
     print(head)
     print("-" * len(head))
-    for d_in, d_out in shapes:
-        w, h = problem(d_in, d_out)
-        o_first, o = ours(w, h, args.repeats)
-        ref_cols = f"{'-':>7} {'-':>8}"
+    for d_out, d_in in shapes:
+        w, h = problem(d_out, d_in)
+        wj, hj = jnp.asarray(w), jnp.asarray(h)
+        t0 = time.perf_counter()
+        dq = np.asarray(gptq(wj, hj, SPEC).dequantize())
+        compile_s = time.perf_counter() - t0
+        candidates = {
+            "project": lambda wj=wj, hj=hj: jax.block_until_ready(gptq(wj, hj, SPEC).packed),
+            "floor": lambda wj=wj, hj=hj: jax.block_until_ready(floor(wj, hj)),
+        }
+        obj = "-"
         if ref_ok:
-            r = reference(w, h, args.ref_repeats, args.reference_dir)
-            ref_cols = f"{r:7.3f} {r / o:7.1f}x"
-        q_cols = f"{'-':>8} {'-':>7}"
-        if d_in <= args.qwix_max_d_in:
-            q_cols = qwix_with_timeout(d_in, d_out, args.qwix_timeout)
-        print(f"{d_in:>5} x {d_out:<5} | {o_first:8.2f} {o:7.3f} | {ref_cols} | {q_cols}",
+            run_ref = reference_runner(w, h, args.reference_dir)
+            obj = f"{objective(dq, w, h) / objective(run_ref(), w, h):6.3f}"
+            candidates = {"reference": run_ref, **candidates}
+        times = {k: 1e3 * min(v) for k, v in interleaved_min(candidates, rounds=args.rounds).items()}
+        ref = times.get("reference")
+        ref_cols = (f"{ref:9.1f}", f"{times['project'] / ref:8.3f}") if ref else (f"{'-':>9}", f"{'-':>8}")
+        print(f"{f'{d_out} x {d_in}':>11} | {ref_cols[0]} {times['project']:8.1f} {times['floor']:8.1f} | "
+              f"{ref_cols[1]} {times['project'] / times['floor']:10.3f} | {compile_s:9.2f} {obj:>6}",
               flush=True)
-    print("times in seconds; '1st' = first call incl. compile; others = median steady state; "
-          f"'>{int(args.qwix_timeout)}' = qwix did not finish compiling in that time")
+    finish(loaded)
 
 
 if __name__ == "__main__":

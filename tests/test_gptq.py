@@ -4,6 +4,8 @@ The NumPy version below works in the reference's own layout (torch ``W (d_out, d
 quantizing columns), so it shares no code or layout with ``epmq_jax.quant.gptq``.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,15 +108,21 @@ def objective(dq, w, h):
 
 
 CASES = [
-    dict(bits=4, group_size=32, symmetric=False, act_order=False, static_groups=False),
-    dict(bits=3, group_size=-1, symmetric=False, act_order=False, static_groups=False),
-    dict(bits=4, group_size=32, symmetric=False, act_order=True, static_groups=False),
-    dict(bits=4, group_size=32, symmetric=False, act_order=True, static_groups=True),
-    dict(bits=2, group_size=64, symmetric=True, act_order=False, static_groups=True),
-    dict(bits=8, group_size=96, symmetric=False, act_order=True, static_groups=False),
+    dict(bits=4, group_size=32, symmetric=False, act_order=False, static_groups=False, block=64),
+    dict(bits=3, group_size=-1, symmetric=False, act_order=False, static_groups=False, block=64),
+    dict(bits=4, group_size=32, symmetric=False, act_order=True, static_groups=False, block=64),
+    dict(bits=4, group_size=32, symmetric=False, act_order=True, static_groups=True, block=64),
+    dict(bits=2, group_size=64, symmetric=True, act_order=False, static_groups=True, block=64),
+    dict(bits=8, group_size=96, symmetric=False, act_order=True, static_groups=False, block=64),
+    # 12 blocks: the blocks split into 4 ranges with their own lazy-update sizes
+    dict(bits=4, group_size=32, symmetric=False, act_order=True, static_groups=False, block=16),
+    # a block size dividing neither d_in nor the group size: padding, tiles of 4 rows, up to
+    # four groups starting inside one block, one of them reaching into the next block
+    dict(bits=4, group_size=32, symmetric=False, act_order=False, static_groups=False, block=100),
 ]
 
 
+@pytest.mark.filterwarnings("error")    # no damping retry on these Hessians: no warning
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_matches_numpy_reference(case):
     """Run in float64 so that the comparison is exact up to rounding ties."""
@@ -122,11 +130,11 @@ def test_matches_numpy_reference(case):
     w, h = correlated_problem(0, 192, 48, dead=(5,))
     spec = QuantSpec(bits=case["bits"], group_size=case["group_size"], symmetric=case["symmetric"])
     with jax.enable_x64(True):
-        qw, info = gptq(w.astype(np.float64), h.astype(np.float64), spec, block_size=64,
+        qw, info = gptq(w.astype(np.float64), h.astype(np.float64), spec, block_size=case["block"],
                         act_order=case["act_order"], static_groups=case["static_groups"],
                         return_info=True)
         dq = np.asarray(qw.dequantize())
-    ref = np_gptq(w, h, spec.bits, spec.group_size, spec.symmetric, blocksize=64,
+    ref = np_gptq(w, h, spec.bits, spec.group_size, spec.symmetric, blocksize=case["block"],
                   actorder=case["act_order"], static_groups=case["static_groups"])
     # Scales are stored in float32, hence the relative tolerance. A symmetric grid puts the
     # group maximum exactly on a rounding tie (x / scale = maxq / 2), decided by the last bit,
@@ -139,11 +147,15 @@ def test_matches_numpy_reference(case):
     assert np.all(dq[5] == 0) and np.all(ref[5] == 0)
 
 
-def test_float32_close_to_reference():
-    w, h = correlated_problem(0, 192, 48, dead=(5,))
+@pytest.mark.parametrize("n_samples", [None, 48], ids=["full-rank", "rank-48-of-192"])
+def test_float32_close_to_reference(n_samples):
+    """In float32 too, also when H is singular and only the damping makes it factor."""
+    w, h = correlated_problem(0, 192, 48, n=n_samples, dead=(5,))
     qw = gptq(w, h, QuantSpec(bits=4, group_size=32), block_size=64, act_order=True)
     ref = np_gptq(w, h, 4, 32, False, blocksize=64, actorder=True)
-    assert np.mean(np.abs(np.asarray(qw.dequantize()) - ref) > 1e-4) < 0.005
+    dq = np.asarray(qw.dequantize())
+    assert np.mean(np.abs(dq - ref) > 1e-4) < 0.005
+    np.testing.assert_allclose(objective(dq, w, h), objective(ref, w, h), rtol=2e-3)
 
 
 def test_gptq_beats_rtn_in_output_error_not_weight_error():
@@ -161,12 +173,14 @@ def test_objective_is_undamped_trace():
     np.testing.assert_allclose(float(info.objective), objective(qw.dequantize(), w, h), rtol=1e-4)
 
 
-def test_non_positive_definite_hessian_raises_damping():
+def test_non_positive_definite_hessian_raises_damping_and_warns():
     w, h = correlated_problem(3, 64, 16)
     h = h - 1.02 * np.linalg.eigvalsh(h.astype(np.float64)).max() * 0.05 * np.eye(64, dtype=np.float32)
     assert np.linalg.eigvalsh(h.astype(np.float64)).min() < 0
-    qw, info = gptq(w, h, QuantSpec(bits=4, group_size=32), damp=0.01, return_info=True)
-    assert float(info.damp_used) > 0.01
+    with pytest.warns(UserWarning, match=r"hessian of shape \(64, 64\) did not factor with "
+                                         r"damping 0.01 .* it took 1 \(more than 10x"):
+        qw, info = gptq(w, h, QuantSpec(bits=4, group_size=32), damp=0.01, return_info=True)
+    assert float(info.damp_used) == pytest.approx(1.0)
     assert bool(info.cholesky_ok)
     ref = np_gptq(w, h, 4, 32, False, percdamp=float(info.damp_used))
     dq = np.asarray(qw.dequantize())
@@ -181,10 +195,24 @@ def test_hopeless_hessian_raises():
         gptq(w, h, QuantSpec(bits=4, group_size=32))
 
 
-def test_all_dead_inputs():
+def test_damping_raised_tenfold_is_silent():
+    """One retry (x10) is routine for a barely indefinite H; only more than 10x warns."""
+    w, h = correlated_problem(3, 64, 16)
+    lo, hi = np.linalg.eigvalsh(h.astype(np.float64))[[0, -1]]
+    mean_diag = float(np.mean(np.diag(h)))
+    # indefinite until a damping between 0.01 and 0.1 times mean(diag H) is added
+    h = h - (lo + 0.03 * mean_diag) * np.eye(64, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = gptq(w, h, QuantSpec(bits=4, group_size=32), damp=0.01, return_info=True)
+    assert float(info.damp_used) == pytest.approx(0.1)
+    assert hi > 0
+
+
+def test_all_dead_inputs_raise():
     w, _ = correlated_problem(4, 64, 16)
-    qw = gptq(w, np.zeros((64, 64), np.float32), QuantSpec(bits=4, group_size=32))
-    np.testing.assert_array_equal(np.asarray(qw.dequantize()), 0.0)
+    with pytest.raises(ValueError, match=r"hessian: the diagonal .* is all zero: every input is dead"):
+        gptq(w, np.zeros((64, 64), np.float32), QuantSpec(bits=4, group_size=32))
 
 
 def test_sharded_equals_unsharded():
@@ -204,8 +232,10 @@ def test_sharded_equals_unsharded():
 @pytest.mark.parametrize("bad,match", [
     (lambda w, h: (w[None], h), "2-D"),
     (lambda w, h: (w, h[:-1]), "hessian: expected shape"),
-    (lambda w, h: (w.at[3, 2].set(jnp.nan), h), "NaN"),
-    (lambda w, h: (w, h.at[0, 1].set(jnp.inf)), "NaN or inf"),
+    (lambda w, h: (w.at[3, 2].set(jnp.nan), h), r"w: kernel of shape \(64, 8\) contains NaN or inf"),
+    (lambda w, h: (w.at[0, 0].set(-jnp.inf), h), r"w: .* NaN or inf"),
+    (lambda w, h: (w, h.at[0, 1].set(jnp.inf)), r"hessian: matrix of shape \(64, 64\) contains NaN or inf"),
+    (lambda w, h: (w, h.at[5, 5].set(jnp.nan)), r"hessian: .* NaN or inf"),
     (lambda w, h: (w[:60], h[:60, :60]), "d_in=60 is not divisible by group_size=32"),
 ])
 def test_bad_inputs(bad, match):
@@ -213,6 +243,26 @@ def test_bad_inputs(bad, match):
     w, h = bad(jnp.asarray(w), jnp.asarray(h))
     with pytest.raises(ValueError, match=match):
         gptq(w, h, QuantSpec(bits=4, group_size=32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_kernel_is_rounded_in_float32_and_keeps_its_dtype(dtype):
+    w, h = correlated_problem(8, 128, 32)
+    wh = jnp.asarray(w, dtype)
+    w32 = np.asarray(wh, np.float32)              # the same values, in float32
+    spec = QuantSpec(bits=4, group_size=32)
+    qh, info_h = gptq(wh, h, spec, return_info=True)
+    q32, info_32 = gptq(w32, h, spec, return_info=True)
+    dq = qh.dequantize()
+    assert dq.dtype == dtype and qh.scales.dtype == jnp.float32
+    assert info_h.objective.dtype == jnp.float32
+    # rounded in float32: the objective of rounding the float32 copy
+    np.testing.assert_allclose(float(info_h.objective), float(info_32.objective), rtol=1e-4)
+    # the half-precision kernel adds only its own storage rounding to that objective
+    np.testing.assert_allclose(objective(np.asarray(dq, np.float32), w32, h),
+                               objective(q32.dequantize(), w32, h), rtol=0.02)
+    # and GPTQ still does its job: well below RTN of the same kernel
+    assert float(info_h.objective) < 0.7 * objective(rtn(wh, spec).dequantize(), w32, h)
 
 
 def test_compiles_once_per_shape_and_runs_under_jit():
