@@ -76,6 +76,9 @@ def assert_highest_run(monkeypatch, fn, *args) -> int:
     bind = lax.dot_general_p.bind
 
     def recording_bind(*operands, **params):
+        if params.get("precision") is None and jax.config.jax_default_matmul_precision in ("highest", "float32"):
+            # inside `with jax.default_matmul_precision("highest")`: the stated precision is HIGHEST
+            params = {**params, "precision": (HIGHEST, HIGHEST)}
         seen.append((tuple(getattr(x, "aval", None) for x in operands), params))
         return bind(*operands, **params)
 
@@ -134,13 +137,17 @@ def test_rtn_and_dequantize():
     assert_highest_traced(lambda w: quant.rtn(w, QuantSpec(bits=3, group_size=16)).dequantize(), w)
 
 
-def test_awq():
-    x, w, h = _layer()
+def test_awq(monkeypatch):
+    """The one-layer AWQ (scale search judged on the layer's output, clip search) and the pieces
+    the block-level AWQ of calib.awq is built from."""
+    x, w, _ = _layer()
     spec = QuantSpec(bits=4, group_size=32)
-    assert assert_highest_traced(lambda w, x: quant.awq(w, x, spec), w, x) >= 2
-    act_mean = jnp.mean(jnp.abs(x), axis=0)
+    assert assert_highest_run(monkeypatch, lambda: quant.awq(w, x, spec)) >= 2
+    weight = jnp.ones(x.shape[0], jnp.float32)
+    grams = quant.group_grams(x, weight, spec)
+    assert assert_highest_traced(lambda x, wt: quant.group_grams(x, wt, spec), x, weight) >= 1
     assert assert_highest_traced(
-        lambda w, h, a: quant.awq_search(w, h, a, spec, return_info=True), w, h, act_mean) >= 2
+        lambda w, g: quant.clip_search(w, g, jnp.float32(x.shape[0]), spec), w, grams) >= 1
 
 
 # ---------------------------------------------------------------- calib
@@ -159,7 +166,25 @@ def test_solve():
     assert assert_highest_traced(lambda h, b, c: calib.solve(h, b, c, 0.01), h, h @ w, w) >= 1
 
 
-@pytest.mark.parametrize("rounding", ["gptq", "rtn", "awq", "none"])
+def test_block_awq_through_the_driver(monkeypatch):
+    """llm-awq's block-level search (model forwards under default_matmul_precision("highest"))."""
+    from flax import nnx
+
+    from epmq_jax.models import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(image_size=16, patch_size=8, num_channels=1, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, projection_dim=8)
+    model = CLIPVisionModelWithProjection(cfg, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    images = [np.random.default_rng(0).standard_normal((4, 16, 16, 1)).astype(np.float32)]
+    config = calib.CalibConfig(objective=calib.Objective(kind="gptq"), rounding="awq",
+                               spec=QuantSpec(bits=4, group_size=32), batch_size=4)
+    n = assert_highest_run(monkeypatch, lambda: jax.tree.leaves(
+        calib.calibrate(calib.vit_adapter(model), params, images, config).params))
+    assert n >= 6
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "rtn", "none"])   # AWQ is block-level (calib.awq)
 def test_epmq_layer(monkeypatch, rounding):
     x, w, _ = _layer()
     experts = [w + 0.01, w - 0.02]

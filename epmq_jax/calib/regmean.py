@@ -125,6 +125,14 @@ def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree]
         raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {alphas}")
     keep = compile_filter(filter or None)
     axis = None if mesh is None else (axis or mesh.axis_names[0])
+    with jax.default_matmul_precision("highest"):   # the experts' forward passes too
+        return _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, damp,
+                              batch_size, mesh, axis, progress)
+
+
+def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, damp, batch_size,
+                   mesh, axis, progress):
+    T = len(experts)
     sharding = None
     if mesh is not None:
         k = mesh.shape[axis]
