@@ -4,7 +4,8 @@ Prints one table. For each weight (given as the reference stores it, ``W (out x 
 project's kernel is its transpose, ``(d_in, d_out)``), 4 bits, group 128, block 128, damping
 0.01, the same W and H for all:
 
-- ``reference``: IST-DASLab/gptq ``GPTQ.fasterquant`` (PyTorch, CPU, as many threads as JAX);
+- ``reference``: IST-DASLab/gptq ``GPTQ.fasterquant`` (PyTorch; on the CPU with as many threads as
+  JAX, or on the GPU JAX runs on: ``--reference-device``);
 - ``project``: ``epmq_jax.quant.gptq`` (jitted; compiled before timing, ``compile`` is its
   first call);
 - ``floor``: the dense algebra the reference's method needs, jitted: a Cholesky and a
@@ -88,27 +89,30 @@ def floor(w: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.sum(lazy) + jnp.sum(tile)
 
 
-def reference_runner(w: np.ndarray, h: np.ndarray, ref_dir: str):
-    """A call running the reference on (w, h); the call returns the dequantized kernel."""
+def reference_runner(w: np.ndarray, h: np.ndarray, ref_dir: str, device: str = "cpu"):
+    """A call running the reference on (w, h) on torch ``device`` ("cpu" or "cuda"); the call
+    returns the dequantized kernel (after synchronising the device)."""
     import torch
 
     sys.path.insert(0, ref_dir)
-    torch.cuda.synchronize = lambda *a, **k: None  # the reference syncs CUDA; CPU-only here
+    if device == "cpu":
+        torch.cuda.synchronize = lambda *a, **k: None  # the reference syncs CUDA
     with contextlib.redirect_stdout(io.StringIO()):
         from gptq import GPTQ
         from quant import Quantizer
     d_in, d_out = w.shape
 
     def run() -> np.ndarray:
-        layer = torch.nn.Linear(d_in, d_out, bias=False)
-        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
+        layer = torch.nn.Linear(d_in, d_out, bias=False).to(device)
+        layer.weight.data = torch.from_numpy(np.ascontiguousarray(w.T)).to(device)
         g = GPTQ(layer)
-        g.H = torch.from_numpy(h.copy())
+        g.H = torch.from_numpy(h.copy()).to(device)
         g.quantizer = Quantizer()
         g.quantizer.configure(SPEC.bits, perchannel=True, sym=False)
         with contextlib.redirect_stdout(io.StringIO()):
             g.fasterquant(blocksize=BLOCK, percdamp=0.01, groupsize=SPEC.group_size)
-        return layer.weight.data.numpy().T
+        out = layer.weight.data.cpu().numpy().T   # .cpu() waits for the device
+        return out
 
     return run
 
@@ -116,6 +120,8 @@ def reference_runner(w: np.ndarray, h: np.ndarray, ref_dir: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-dir", default=None, help="folder with IST-DASLab gptq.py, quant.py")
+    p.add_argument("--reference-device", default=None, choices=("cpu", "cuda"),
+                   help="torch device of the reference (default: cuda when JAX runs on a GPU, else cpu)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     p.add_argument("--shapes", default=None,
                    help="W shapes as out x in, comma-separated, e.g. 3072x768,768x3072")
@@ -126,12 +132,14 @@ def main() -> None:
     ref_ok = args.reference_dir is not None and os.path.exists(
         os.path.join(args.reference_dir, "gptq.py"))
     threads = len(os.sched_getaffinity(0))
+    ref_device = args.reference_device or ("cuda" if jax.default_backend() == "gpu" else "cpu")
     if ref_ok:
         import torch
         torch.set_num_threads(threads)
 
     loaded = check_quiet(args.allow_load)
-    print(f"{threads} threads for JAX and torch; 4-bit, group {SPEC.group_size}, block {BLOCK}, "
+    print(f"reference on torch {ref_device}; {threads} CPU threads for JAX and torch; "
+          f"4-bit, group {SPEC.group_size}, block {BLOCK}, "
           f"damp 0.01; min of {args.rounds} interleaved rounds, milliseconds"
           + ("" if ref_ok else "; no --reference-dir: reference column skipped"))
     head = (f"{'W out x in':>11} | {'reference':>9} {'project':>8} {'floor':>8} | "
@@ -150,7 +158,7 @@ def main() -> None:
         }
         obj = "-"
         if ref_ok:
-            run_ref = reference_runner(w, h, args.reference_dir)
+            run_ref = reference_runner(w, h, args.reference_dir, ref_device)
             obj = f"{objective(dq, w, h) / objective(run_ref(), w, h):6.3f}"
             candidates = {"reference": run_ref, **candidates}
         times = {k: 1e3 * min(v) for k, v in interleaved_min(candidates, rounds=args.rounds).items()}
