@@ -2,15 +2,15 @@
 
 For block k, in forward order:
 
-1. when the objective uses expert-side inputs, every task's batches run once through expert t's
-   own block k (all tasks in one compiled pass): this gives the target-side inputs X̃ of every
-   group of the block and the expert paths' inputs to block k+1;
+1. when the objective uses expert-side inputs, task t's batches run once through expert t's own
+   block k (one compiled pass per task): this gives the target-side inputs X̃ of every group of
+   the block and the expert paths' inputs to block k+1;
 2. for every group of linear layers of the block (layers that read the same input, groups in
-   execution order: true-sequential), all tasks' batches run through the block as it stands
+   execution order: true-sequential), each task's batches run through the block as it stands
    (earlier blocks and earlier groups already calibrated) and the group's statistics H and B are
-   accumulated (:mod:`epmq_jax.calib.stats`): one compiled scan over the batches of all tasks,
-   completing each task's sums before adding them with its weight ω_t (memory: two
-   accumulators, flat in T); each layer's objective is solved, rounded and reported
+   accumulated (:mod:`epmq_jax.calib.stats`): one compiled scan over a task's batches, then the
+   task's sums are added with its weight ω_t (memory: two accumulators and one expert block at
+   a time, flat in T); each layer's objective is solved, rounded and reported
    (:func:`epmq_jax.calib.solve.layer_step`, one compiled program per layer shape) and its
    effective kernel written into the block;
 3. the calibrated block's outputs become block k+1's inputs.
@@ -43,7 +43,7 @@ import functools
 import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -202,24 +202,6 @@ def _kernel(block_params: PyTree, rel: str, where: str) -> jax.Array:
 # ----------------------------------------------------------------------------- the batches
 
 
-class _Batches(NamedTuple):
-    """All tasks' calibration batches, stacked: ``N = Σ_t ceil(n_t / batch_size)`` batches.
-
-    Attributes:
-      inputs: the model inputs, every leaf ``(N, batch_size, ...)``.
-      mask: ``(N, batch_size)`` float32, 0 for the padding samples of a task's last batch.
-      task: ``(N,)`` int32, the task of each batch (tasks in order, batches in order).
-      last: ``(N,)`` bool, True for each task's last batch.
-      spans: ``[(start, stop)]`` of each task's batches.
-    """
-
-    inputs: PyTree
-    mask: jax.Array
-    task: jax.Array
-    last: jax.Array
-    spans: list[tuple[int, int]]
-
-
 def _n_samples(inputs: PyTree, where: str) -> int:
     leaves = jax.tree_util.tree_leaves(inputs)
     if not leaves:
@@ -234,31 +216,18 @@ def _n_samples(inputs: PyTree, where: str) -> int:
     return n
 
 
-def _batches(task_inputs: Sequence[PyTree], batch_size: int, sharding) -> _Batches:
-    """Stacks every task's inputs into fixed-size batches; a task's last batch is filled by
-    repeating its real samples, masked out."""
-    parts, masks, task, last, spans = [], [], [], [], []
-    structure = jax.tree.structure(task_inputs[0])
-    for t, inputs in enumerate(task_inputs):
-        where = f"task_inputs[{t}]"
-        if jax.tree.structure(inputs) != structure:
-            raise ValueError(f"{where}: tree structure {jax.tree.structure(inputs)} differs from "
-                             f"task_inputs[0]'s {structure}")
-        n = _n_samples(inputs, where)
-        nb = -(-n // batch_size)
-        idx = np.arange(nb * batch_size) % n
-        parts.append(jax.tree.map(lambda x, i=idx: np.asarray(x)[i], inputs))
-        masks.append((np.arange(nb * batch_size) < n).astype(np.float32))
-        spans.append((len(task), len(task) + nb))
-        task += [t] * nb
-        last += [False] * (nb - 1) + [True]
-    stacked = jax.tree.map(lambda *xs: np.concatenate(xs).reshape(
-        (-1, batch_size) + xs[0].shape[1:]), *parts)
-    mask = np.concatenate(masks).reshape(-1, batch_size)
+def _batches(inputs: PyTree, batch_size: int, where: str, sharding) -> tuple[PyTree, jax.Array]:
+    """One task's inputs as fixed-size batches ``(n_batches, batch_size, ...)`` and their mask
+    ``(n_batches, batch_size)``; the last batch is filled by repeating real samples, masked out."""
+    n = _n_samples(inputs, where)
+    nb = -(-n // batch_size)
+    idx = np.arange(nb * batch_size) % n
+    stacked = jax.tree.map(lambda x: np.asarray(x)[idx].reshape((nb, batch_size) + np.shape(x)[1:]),
+                           inputs)
+    mask = (np.arange(nb * batch_size) < n).astype(np.float32).reshape(nb, batch_size)
     if sharding is not None:
-        stacked, mask = jax.device_put((stacked, mask), sharding)
-    return _Batches(stacked, jnp.asarray(mask), jnp.asarray(task, jnp.int32),
-                    jnp.asarray(last), spans)
+        return jax.device_put((stacked, mask), sharding)
+    return stacked, jnp.asarray(mask)
 
 
 # ----------------------------------------------------------------------------- compiled pieces
@@ -285,54 +254,36 @@ def _advance_all(adapter, kind, block_params, carry):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _expert_pass(adapter, kind, capture, expert_blocks, carry, task):
-    """Every batch through its own task's expert block, in one pass.
-
-    Args:
-      capture: the kernel paths whose inputs to keep (one per group), or ``()``.
-      expert_blocks: the T expert blocks (list of trees of equal structure).
-      carry: the expert paths' carries, leaves ``(N, batch_size, ...)``.
-      task: ``(N,)`` task of each batch.
-
-    Returns:
-      ``(carry out, {path: input (N, batch_size, ..., d_in)})``.
-    """
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *expert_blocks)
-
-    def one(args):
-        c, t = args
-        out, caps = adapter.run_block(kind, jax.tree.map(lambda a: a[t], stacked), c)
+def _expert_pass(adapter, kind, capture, expert_block, carry):
+    """A task's batches through its expert's block: ``(carry out, {path: input (n_batches, ...)})``
+    for the kernel paths in ``capture`` (one per group)."""
+    def one(c):
+        out, caps = adapter.run_block(kind, expert_block, c)
         return out, {p: caps[p][0] if isinstance(caps[p], tuple) else caps[p] for p in capture}
 
-    return jax.lax.map(one, (carry, task))
+    return jax.lax.map(one, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _group_stats(adapter, kind, group, objective, n_tasks, block_params, carry, batches_meta,
-                 x_expert, expert_kernels):
-    """The ω-weighted moments of one group over all tasks' batches, in one scan.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_expert,
+                  expert_kernels):
+    """One task's (unweighted) moments for the layers of a group, in one scan over its batches.
 
     Each batch runs through the block up to the group's input (the rest of the block is dead
-    code to XLA); a task's sums are completed over its batches, then added with its ω_t.
+    code to XLA).
 
     Args:
       group: the group's kernel paths (static); objective: its switches (static, λ unused).
-      n_tasks: T.
       block_params: the block as it stands.
-      carry: the quantized path's carries, leaves ``(N, batch_size, ...)``.
-      batches_meta: ``(mask (N, batch_size), task (N,), last (N,))``.
-      x_expert: the group's expert-path inputs ``(N, batch_size, ..., d_in)`` or None.
-      expert_kernels: ``{path: [W_t] * T}`` or None (objectives without targets).
+      carry: the task's carries on the quantized path, leaves ``(n_batches, batch_size, ...)``.
+      mask: ``(n_batches, batch_size)``, 0 for padding samples.
+      x_expert: the group's input on the task's expert path ``(n_batches, batch_size, ..., d_in)``
+        or None.
+      expert_kernels: ``{path: W_t}`` of the task's expert, or None (objectives without targets).
 
     Returns:
-      ``({path: Moments}, ω (T,))`` (H shared by the group).
+      ``{path: Moments}`` (H shared by the group).
     """
-    mask, task, last = batches_meta
-    d_in = get_path(block_params, _key_path(group[0])).shape[0]
-    kern = None
-    if objective.needs_targets:
-        kern = {p: jnp.stack([w.astype(jnp.float32) for w in expert_kernels[p]]) for p in group}
-
     def batch(i):
         _, caps = adapter.run_block(kind, block_params, jax.tree.map(lambda a: a[i], carry))
         missing = [p for p in group if p not in caps]
@@ -341,35 +292,28 @@ def _group_stats(adapter, kind, group, objective, n_tasks, block_params, carry, 
         x, w = _rows_weight(caps[group[0]], mask[i])
         m = st.moments(x, None, w)
         out = {"h": m.h, "n": m.n, "abs": m.abs_sum, "b": {}, "yy": {}}
-        if kern is not None:
+        if expert_kernels is not None:
             xt = target_input(x, None if x_expert is None else x_expert[i], objective)
             for p in group:
-                y = jnp.matmul(xt.astype(jnp.float32), kern[p][task[i]], precision=_HI)
+                y = jnp.matmul(xt.astype(jnp.float32), expert_kernels[p].astype(jnp.float32),
+                               precision=_HI)
                 out["b"][p], out["yy"][p] = st.cross_moments(x, y, w)
         return out
 
-    def fold(acc, tot, omega, t):
-        om = st.task_weight(st.Moments(acc["h"], None, acc["n"], acc["n"], acc["abs"]),
-                            objective.task_weights)
-        weighted = {"h": om, "n": 1.0, "abs": 1.0, "b": om, "yy": om}     # n, Σ|x| never weighted
-        tot = {k: jax.tree.map(lambda a, b, k=k: a + weighted[k] * b, tot[k], acc[k]) for k in tot}
-        return jax.tree.map(jnp.zeros_like, acc), tot, omega.at[t].set(om)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
+    acc = jax.lax.fori_loop(0, mask.shape[0], lambda i, a: jax.tree.map(jnp.add, a, batch(i)), zero)
+    zero = jnp.zeros((), jnp.float32)
+    return {p: st.Moments(acc["h"], acc["b"].get(p), acc["yy"].get(p, zero), acc["n"], acc["abs"])
+            for p in group}
 
-    def step(state, i):
-        acc, tot, omega = state
-        acc = jax.tree.map(jnp.add, acc, batch(i))
-        return jax.lax.cond(last[i], fold, lambda *a: a[:3], acc, tot, omega, task[i]), None
 
-    f32 = jnp.float32
-    zero = {"h": jnp.zeros((d_in, d_in), f32), "n": jnp.zeros((), f32), "abs": jnp.zeros(d_in, f32),
-            "b": {}, "yy": {}}
-    if kern is not None:
-        zero["b"] = {p: jnp.zeros((d_in, kern[p].shape[-1]), f32) for p in group}
-        zero["yy"] = {p: jnp.zeros((), f32) for p in group}
-    (_, tot, omega), _ = jax.lax.scan(step, (zero, zero, jnp.zeros((n_tasks,), f32)),
-                                      jnp.arange(task.shape[0]))
-    return {p: st.Moments(tot["h"], tot["b"].get(p), tot["yy"].get(p, jnp.zeros((), f32)),
-                          tot["n"], tot["abs"]) for p in group}, omega
+@functools.partial(jax.jit, static_argnums=(2,))
+def _fold(total, task, weighting):
+    """Adds a task's moments with its ω_t into the running total: ``(total, ω_t)``."""
+    new, omega = {}, None
+    for p in task:
+        new[p], omega = st.fold_task(None if total is None else total[p], task[p], weighting)
+    return new, omega
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -471,7 +415,7 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
     if mesh is not None:
         k = mesh.shape[axis]
         bs = -(-bs // k) * k
-        sharding = NamedSharding(mesh, P(None, axis))
+        sharding = NamedSharding(mesh, P(None, axis))     # (batches, samples, ...): samples split
     blocks = list(adapter.block_paths(params))
     if obj.kind == "gptq" and config.rounder == "rtn":   # data-free: no forward passes at all
         return _rtn_only(adapter, params, blocks, config, on_block)
@@ -488,15 +432,13 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         if state is not None:
             done, restored, stats = state
 
-    data = _batches(task_inputs, bs, sharding)
-    meta = (data.mask, data.task, data.last)
-    q_carry = _embed_all(adapter, params, data.inputs)
+    batches = [_batches(x, bs, f"task_inputs[{t}]", sharding) for t, x in enumerate(task_inputs)]
+    masks = [m for _, m in batches]
+    q_carry = [_embed_all(adapter, params, b) for b, _ in batches]
     e_carry = None
     if obj.needs_expert_inputs:
-        parts = [_embed_all(adapter, experts[t], jax.tree.map(lambda x, a=a, b=b: x[a:b], data.inputs))
-                 for t, (a, b) in enumerate(data.spans)]
-        e_carry = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-    del data
+        e_carry = [_embed_all(adapter, experts[t], b) for t, (b, _) in enumerate(batches)]
+    del batches
 
     kernels: dict[str, Any] = dict(restored)
     bar = range(len(blocks))
@@ -511,11 +453,12 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         where = "/".join(str(p) for p in bpath)
         merged_block = get_path(params, bpath)
         expert_blocks = [get_path(e, bpath) for e in experts] if experts is not None else None
-        x_expert = {}
-        if e_carry is not None:
+        x_expert = [{}] * T
+        if e_carry is not None:      # one pass per task through its expert's block
             capture = tuple(g[0] for g in groups) if k >= done else ()
-            e_carry, x_expert = _expert_pass(adapter, kind, capture, expert_blocks, e_carry,
-                                             meta[1])
+            passes = [_expert_pass(adapter, kind, capture, expert_blocks[t], e_carry[t])
+                      for t in range(T)]
+            e_carry, x_expert = [c for c, _ in passes], [x for _, x in passes]
         block, pending = merged_block, []
         for gi, group in enumerate(groups):
             if k < done:      # resumed: the calibrated kernels are known
@@ -525,10 +468,10 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
                 continue
             block, layers = _calibrate_group(
                 adapter, kind, group, block, merged_block, expert_blocks, q_carry,
-                x_expert.get(group[0]), meta, T, config, mesh, axis, where)
+                [x.get(group[0]) for x in x_expert], masks, config, mesh, axis, where)
             pending += [(gi, *layer) for layer in layers]
         out_block = merged_block if config.propagate_float else block
-        q_carry = _advance_all(adapter, kind, out_block, q_carry)
+        q_carry = [_advance_all(adapter, kind, out_block, c) for c in q_carry]
         if pending:
             stats += _finish_block(pending, k, config, bpath, kernels)
             block_time = time.perf_counter() - t0
@@ -583,11 +526,14 @@ def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibRe
 
 
 def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q_carry, x_expert,
-                     meta, n_tasks: int, config: CalibConfig, mesh, axis, where):
+                     masks, config: CalibConfig, mesh, axis, where):
     """Statistics, solve and rounding for one group of layers, all dispatched without waiting.
 
+    Tasks are processed one after the other (each task's batches in one compiled scan), so the
+    statistics hold two accumulators whatever the number of tasks.
+
     Returns:
-      ``(updated block, [(rel, q, (d_in, d_in), raw stats, n_rows, ω)])``; the raw statistics
+      ``(updated block, [(rel, q, (d_in, d_in), raw stats, n_rows, [ω_t])])``; the raw statistics
       are device scalars for :func:`_finish_block`. (Rounders that work on a whole group or
       block, e.g. AWQ with scales shared by the layers of a group, replace the per-layer loop
       below.)
@@ -595,14 +541,17 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
     obj = config.objective
     # λ, the anchor and the damping do not enter the batch statistics: one compilation for all
     static_obj = dataclasses.replace(obj, lam=0.0, anchor="output")
-    e_kern = None
-    if obj.needs_targets:
-        e_kern = {p: [_kernel(b, p, f"experts[{t}]/{where}") for t, b in enumerate(expert_blocks)]
-                  for p in group}
     for p in group:
         _kernel(block, p, where)
-    total, omega = _group_stats(adapter, kind, group, static_obj, n_tasks, block, q_carry, meta,
-                                x_expert, e_kern)
+    total, omegas = None, []
+    for t in range(len(q_carry)):
+        e_kern = None
+        if obj.needs_targets:
+            e_kern = {p: _kernel(expert_blocks[t], p, f"experts[{t}]/{where}") for p in group}
+        task = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
+                             x_expert[t], e_kern)
+        total, omega = _fold(total, task, obj.task_weights)
+        omegas.append(omega)
     columns = None if mesh is None else (mesh, axis)
     results = []
     for rel in group:
@@ -617,5 +566,5 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
                                  gptq_damp=config.gptq_damp, columns=cols,
                                  **config.rounder_options())
         block = _set_path(block, _key_path(rel), eff)
-        results.append((rel, q, (w_m.shape[0],) * 2, raw, m.n, omega))
+        results.append((rel, q, (w_m.shape[0],) * 2, raw, m.n, omegas))
     return block, results
