@@ -455,7 +455,7 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         expert_blocks = [get_path(e, bpath) for e in experts] if experts is not None else None
         x_expert = [{}] * T
         if e_carry is not None:      # one pass per task through its expert's block
-            capture = tuple(g[0] for g in groups) if k >= done else ()
+            capture = tuple(g[0] for g in groups)   # also when replaying: the same program
             passes = [_expert_pass(adapter, kind, capture, expert_blocks[t], e_carry[t])
                       for t in range(T)]
             e_carry, x_expert = [c for c, _ in passes], [x for _, x in passes]
