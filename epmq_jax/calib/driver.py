@@ -497,10 +497,15 @@ def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) ->
         s = finish_stats(r, path=path, shape=shape, objective=config.objective,
                          rounding=config.rounder, damp=config.damp,
                          damp_center=config.damp_center, gptq_damp=config.gptq_damp)
-        s.update(block=k, group=gi, n_rows=float(n), task_weights=[float(o) for o in om])
+        s.update(block=k, group=gi, n_rows=_f32(n), task_weights=[_f32(o) for o in om])
         kernels[path] = q
         out.append(s)
     return out
+
+
+def _f32(v) -> float:
+    """A float32 scalar as the Python float of its shortest repr (0.01, not 0.009999999776)."""
+    return float(str(np.float32(v)))
 
 
 def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibResult:

@@ -288,7 +288,7 @@ def finish_stats(raw: Mapping[str, Any], *, path: str, shape: tuple, objective: 
     for k, v in raw.items():
         if k in ("ok", "gptq_ok"):
             continue
-        out[k] = int(v) if k == "n_dead" else float(str(np.float32(v)))   # float32's shortest repr
+        out[k] = int(v) if k == "n_dead" else float(str(np.float32(v)))   # shortest repr: 0.01
     if not solved:
         out["damp"] = out["cond"] = None
     raised = []
