@@ -80,20 +80,23 @@ def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array):
 def _damped_cholesky(h: jax.Array, damp: jax.Array, ridge: jax.Array):
     """Lower Cholesky factor of ``h + δ·diag(ridge)``, raising δ while the factorisation fails.
 
-    Returns ``(L, δ used, ok)``; ``ok`` is False when even the largest δ tried fails.
+    Returns ``(L, δ used, ok)``; ``ok`` is False when even the largest δ tried fails. The first
+    attempt runs outside the retry loop (the common case pays one factorisation, nothing more).
     """
+    idx = jnp.arange(h.shape[0])
+
     def attempt(d):
-        l = jnp.linalg.cholesky(h + jnp.diag(d * ridge))
-        return l, jnp.all(jnp.isfinite(l))
+        l = jnp.linalg.cholesky(h.at[idx, idx].add(d * ridge))
+        return l, jnp.all(jnp.isfinite(jnp.diag(l)))       # a failed factorisation is all NaN
 
     def retry(state):
-        d, _, _, _, k = state
-        l, ok = attempt(d)
-        return jnp.maximum(10.0 * d, 1e-3).astype(d.dtype), d, l, ok, k + 1
+        d, _, _, k = state
+        d = jnp.maximum(10.0 * d, 1e-3).astype(d.dtype)
+        return (d, *attempt(d), k + 1)
 
-    _, used, l, ok, _ = jax.lax.while_loop(
-        lambda s: ~s[3] & (s[4] <= _MAX_DAMP_RETRIES), retry,
-        (damp, damp, jnp.zeros_like(h), jnp.array(False), 0))
+    l, ok = attempt(damp)
+    used, l, ok, _ = jax.lax.while_loop(lambda s: ~s[2] & (s[3] < _MAX_DAMP_RETRIES), retry,
+                                        (damp, l, ok, 0))
     return l, used, ok
 
 
