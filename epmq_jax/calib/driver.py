@@ -264,10 +264,11 @@ def _expert_pass(adapter, kind, capture, expert_block, carry):
     return jax.lax.map(one, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(9,))
 def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_expert,
-                  expert_kernels):
-    """One task's (unweighted) moments for the layers of a group, in one scan over its batches.
+                  expert_kernels, total):
+    """One task's moments for the layers of a group, in one scan over its batches, added with
+    the task's weight ω_t into the running total.
 
     Each batch runs through the block up to the group's input (the rest of the block is dead
     code to XLA).
@@ -280,9 +281,11 @@ def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_
       x_expert: the group's input on the task's expert path ``(n_batches, batch_size, ..., d_in)``
         or None.
       expert_kernels: ``{path: W_t}`` of the task's expert, or None (objectives without targets).
+      total: the ω-weighted ``{path: Moments}`` of the tasks before, or None (its buffers are
+        reused for the result).
 
     Returns:
-      ``{path: Moments}`` (H shared by the group).
+      ``({path: Moments} with this task added, ω_t)`` (H shared by the group).
     """
     def batch(i):
         _, caps = adapter.run_block(kind, block_params, jax.tree.map(lambda a: a[i], carry))
@@ -303,16 +306,11 @@ def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
     acc = jax.lax.fori_loop(0, mask.shape[0], lambda i, a: jax.tree.map(jnp.add, a, batch(i)), zero)
     zero = jnp.zeros((), jnp.float32)
-    return {p: st.Moments(acc["h"], acc["b"].get(p), acc["yy"].get(p, zero), acc["n"], acc["abs"])
-            for p in group}
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _fold(total, task, weighting):
-    """Adds a task's moments with its ω_t into the running total: ``(total, ω_t)``."""
     new, omega = {}, None
-    for p in task:
-        new[p], omega = st.fold_task(None if total is None else total[p], task[p], weighting)
+    for p in group:
+        task = st.Moments(acc["h"], acc["b"].get(p), acc["yy"].get(p, zero), acc["n"], acc["abs"])
+        new[p], omega = st.fold_task(None if total is None else total[p], task,
+                                     objective.task_weights)
     return new, omega
 
 
@@ -553,9 +551,8 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
         e_kern = None
         if obj.needs_targets:
             e_kern = {p: _kernel(expert_blocks[t], p, f"experts[{t}]/{where}") for p in group}
-        task = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
-                             x_expert[t], e_kern)
-        total, omega = _fold(total, task, obj.task_weights)
+        total, omega = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
+                                     x_expert[t], e_kern, total)
         omegas.append(omega)
     columns = None if mesh is None else (mesh, axis)
     results = []
