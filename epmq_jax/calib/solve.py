@@ -101,7 +101,8 @@ def _damped_cholesky(h: jax.Array, damp: jax.Array, ridge: jax.Array):
 
 
 def _solve(h, b, center, damp, damp_center: str, columns=None):
-    """The damped solve; returns ``(W*, H·W*, info)`` (H·W* for the undamped H, without a matmul)."""
+    """The damped solve; returns ``(W*, H·W*, H with dead inputs fixed, info)`` (H·W* for the
+    undamped H, without a matmul)."""
     h = h.astype(jnp.float32)
     b = b.astype(jnp.float32)
     center = center.astype(jnp.float32)
@@ -123,7 +124,7 @@ def _solve(h, b, center, damp, damp_center: str, columns=None):
     dl = jnp.diag(l)
     info = {"damp": d, "cond": (jnp.max(dl) / jnp.min(dl)) ** 2, "ok": ok,
             "n_dead": jnp.sum(~live).astype(jnp.int32)}
-    return w, hw, info
+    return w, hw, hf, info
 
 
 @functools.partial(jax.jit, static_argnames="damp_center")
@@ -144,7 +145,7 @@ def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01, *,
       the Cholesky factor L of the damped H (a cheap lower bound on its κ₂), "ok": bool,
       "n_dead": number of dead inputs}``.
     """
-    w, _, info = _solve(h, b, center, damp, damp_center)
+    w, _, _, info = _solve(h, b, center, damp, damp_center)
     return w, info
 
 
@@ -208,7 +209,10 @@ def _in_dtype(q, dtype):
 
 @functools.partial(jax.jit, static_argnames=("objective", "damp_center", "columns"))
 def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center: str, columns):
-    """System and solve: ``(W*, H, H for the rounder, HW* − B or None, L(W_m), L(W*), info)``."""
+    """System and solve: ``(W*, H, H for the rounder, HW* − B or None, L(W_m), L(W*), info)``.
+
+    The rounder's H has the dead inputs fixed as in the solve, so a dead row is W_m's, rounded.
+    """
     w_m = w_merged.astype(jnp.float32)
     if objective.kind == "gptq":   # B = H W_m: W* = W_m, L(W_m) = L(W*) = 0, no solve
         zero = jnp.zeros((), jnp.float32)
@@ -216,8 +220,7 @@ def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center
                 "n_dead": jnp.sum(jnp.diag(m.h) == 0).astype(jnp.int32)}
         return w_m, m.h, m.h, None, zero, zero, info
     system, hwm = system_and_merged(objective, m, w_m, lam)
-    w_star, hw_star, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
-    h_round = _fix_dead(system.h, system.b, w_m)[0]       # dead rows: rounded W_m rows
+    w_star, hw_star, h_round, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
     return (w_star, system.h, h_round, hw_star - system.b, value_from_product(system, w_m, hwm),
             value_from_product(system, w_star, hw_star), info)
 
