@@ -1,13 +1,28 @@
-"""Cost of sequential calibration on a ViT-B/32-shaped model: GPTQ vs E-PMQ, T = 2, 8, 20 experts.
+"""Cost of sequential calibration on a ViT-B/32-shaped model: GPTQ vs E-PMQ, for T experts.
 
 Random weights (the cost does not depend on them): the merged model is the CLIP vision class of
 ``epmq_jax.models.clip`` with the ViT-B/32 config (width 768, MLP 3072, 12 heads, 50 tokens),
 cut to ``--blocks`` blocks (every block has the same shapes, so per-block cost is the same for
 all 12); each expert is the merge plus noise. Every task contributes ``--images`` calibration
-images, so GPTQ and E-PMQ see the same data (T x images in all). For each method and T it prints,
-per block, the wall time and the peak resident memory during the block (``VmHWM`` of this
-process, reset before each block through ``/proc/self/clear_refs``), and the ratio E-PMQ / GPTQ.
-Block 0 includes the embedding and, for the first T, compilation; later blocks are steady state.
+images, so GPTQ and E-PMQ see the same data (T x images in all).
+
+GPTQ and E-PMQ runs are interleaved (``--rounds`` of each, in turn) and every figure is the
+minimum over the rounds. Per block it prints:
+
+- ``block s``: wall time of the block in the driver (block 0 also embeds the inputs and, in the
+  first round, compiles);
+- ``solvers s``: the sum, over the block's six layers, of one layer's solve + rounding + reported
+  objectives (:func:`epmq_jax.calib.solve.layer_step`) timed alone on the same statistics (min
+  of 3): the floor a driver cannot go below;
+- ``ratio``: block / solvers (what the statistics, the forward passes and the bookkeeping add);
+- ``compiles``: XLA compilations during the block in the first round (0 after block 0 means
+  compilation is paid once per distinct shape);
+- ``peak MB``: peak resident memory of the process during the block (``VmHWM``, reset before
+  each block through ``/proc/self/clear_refs``).
+
+Then the steady-state (blocks 1+) means and the E-PMQ / GPTQ ratio per T. The machine and its
+load are printed before and after; on a loaded machine it refuses to run unless
+``--allow-load`` (and then marks the tables).
 
     .venv/bin/python benchmarks/calib_cost.py                       # a few minutes on 2 CPU cores
     .venv/bin/python benchmarks/calib_cost.py --images 16 --blocks 12 --experts 2 8 20   # the full model
@@ -16,17 +31,18 @@ Block 0 includes the embedding and, for the first T, compilation; later blocks a
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import numpy as np
+from _machine import add_load_args, check_quiet, finish  # benchmarks/ is the script's directory
 from flax import nnx
 
-from epmq_jax.calib import CalibConfig, Objective, calibrate, vit_adapter
+from epmq_jax.calib import CalibConfig, Objective, calibrate, driver, vit_adapter
 from epmq_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from epmq_jax.quant import QuantSpec
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def _rss_mb(field: str) -> float:
@@ -51,18 +67,61 @@ def _perturbed(params, key, scale=0.02):
     return treedef.unflatten([a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
 
 
-def run(method: str, T: int, model, merged, experts_all, pixels_all, bits: int, group: int):
+class _Probe:
+    """Counts compilations and records each layer_step call of the running block."""
+
+    def __init__(self):
+        self.compiles = 0
+        self.calls = []
+        self._real = driver.layer_step
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        driver.layer_step = self._layer_step
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == _COMPILE_EVENT:
+            self.compiles += 1
+
+    def _layer_step(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self._real(*args, **kwargs)
+
+    def solver_time(self) -> float:
+        """Σ over the recorded layers of min-of-3 of the layer's solve + rounding alone."""
+        total = 0.0
+        for args, kwargs in self.calls:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(self._real(*args, **kwargs))
+                best = min(best, time.perf_counter() - t0)
+            total += best
+        self.calls.clear()
+        return total
+
+    def close(self):
+        driver.layer_step = self._real
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+def run(probe: _Probe, method: str, T: int, model, merged, experts_all, pixels_all, bits: int,
+        group: int) -> list[dict]:
+    """One calibration; returns per block {time, solvers, compiles, peak}."""
     cfg = CalibConfig(objective=Objective(kind="gptq") if method == "gptq" else Objective(kind="epmq"),
                       spec=QuantSpec(bits=bits, group_size=group), batch_size=pixels_all[0].shape[0])
     rows = []
-    t_last = [time.perf_counter()]
+    t_last = [0.0]
 
     def on_block(k):
-        now = time.perf_counter()
-        rows.append((k, now - t_last[0], _rss_mb("VmHWM")))
+        elapsed = time.perf_counter() - t_last[0]
+        row = {"time": elapsed, "compiles": probe.compiles, "peak": _rss_mb("VmHWM")}
+        row["solvers"] = probe.solver_time()
+        rows.append(row)
+        probe.compiles = 0
         _reset_peak()
         t_last[0] = time.perf_counter()
 
+    probe.calls.clear()
+    probe.compiles = 0
     _reset_peak()
     t_last[0] = time.perf_counter()
     calibrate(vit_adapter(model), merged, pixels_all[:T], cfg,
@@ -73,11 +132,14 @@ def run(method: str, T: int, model, merged, experts_all, pixels_all, bits: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2, help="calibration images per task")
-    ap.add_argument("--blocks", type=int, default=2, help="number of ViT-B/32 blocks (12 = full model)")
+    ap.add_argument("--blocks", type=int, default=3, help="number of ViT-B/32 blocks (12 = full model)")
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 8, 20])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of each method (min taken)")
+    add_load_args(ap)
     args = ap.parse_args()
+    loaded = check_quiet(args.allow_load)
 
     cfg = CLIPVisionConfig.vit_b32()
     cfg = CLIPVisionConfig(**{**cfg.__dict__, "num_hidden_layers": args.blocks})
@@ -90,24 +152,45 @@ def main() -> None:
     pixels = [r.normal(size=(args.images, 224, 224, 3)).astype(np.float32) for _ in range(t_max)]
 
     print(f"calib_cost: ViT-B/32 shapes (width 768, MLP 3072, 50 tokens), {args.blocks} blocks, "
-          f"{args.images} images/task, {args.bits}-bit g{args.group_size}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-          f"{jax.devices()[0].platform}")
-    print("time = wall seconds per block (block 0: + embedding, + compilation for the first T); "
-          "peak = peak RSS of the process during the block (MB)")
-    header = f"{'T':>3} {'block':>5} | {'GPTQ s':>8} {'peak MB':>8} | {'E-PMQ s':>8} {'peak MB':>8} | {'time ratio':>10}"
-    print(header)
-    print("-" * len(header))
-    for T in args.experts:
-        g = run("gptq", T, model, merged, experts, pixels, args.bits, args.group_size)
-        e = run("epmq", T, model, merged, experts, pixels, args.bits, args.group_size)
-        for (k, tg, mg), (_, te, me) in zip(g, e):
-            print(f"{T:>3} {k:>5} | {tg:>8.2f} {mg:>8.0f} | {te:>8.2f} {me:>8.0f} | {te / tg:>10.2f}")
-        steady = slice(1, None) if len(g) > 1 else slice(None)
-        tg = np.mean([x[1] for x in g[steady]])
-        te = np.mean([x[1] for x in e[steady]])
-        print(f"{T:>3} {'mean':>5} | {tg:>8.2f} {'':>8} | {te:>8.2f} {'':>8} | {te / tg:>10.2f}   "
-              f"(blocks {'1+' if len(g) > 1 else '0'})")
+          f"{args.images} images/task, {args.bits}-bit g{args.group_size}; min of {args.rounds} "
+          "interleaved rounds")
+    print("block s = driver wall time of the block; solvers s = its six layers' solve + rounding timed "
+          "alone; ratio = block / solvers; compiles = XLA compilations during the block (first round); "
+          "peak = peak RSS during the block (MB)")
+    header = (f"{'T':>3} {'method':>6} {'block':>5} | {'block s':>8} {'solvers s':>9} {'ratio':>6} | "
+              f"{'compiles':>8} {'peak MB':>8}")
+    probe = _Probe()
+    summary = []
+    try:
+        for T in args.experts:
+            runs = {"gptq": [], "epmq": []}
+            for _ in range(args.rounds):
+                for method in runs:
+                    runs[method].append(run(probe, method, T, model, merged, experts, pixels, args.bits,
+                                            args.group_size))
+            print(header)
+            print("-" * len(header))
+            steady = {}
+            for method, rounds in runs.items():
+                for k in range(args.blocks):
+                    t = min(rr[k]["time"] for rr in rounds)
+                    s = min(rr[k]["solvers"] for rr in rounds)
+                    peak = max(rr[k]["peak"] for rr in rounds)
+                    print(f"{T:>3} {method:>6} {k:>5} | {t:>8.2f} {s:>9.2f} {t / s:>6.2f} | "
+                          f"{rounds[0][k]['compiles']:>8} {peak:>8.0f}")
+                blocks = range(1, args.blocks) if args.blocks > 1 else range(1)
+                steady[method] = (np.mean([min(rr[k]["time"] for rr in rounds) for k in blocks]),
+                                  np.mean([min(rr[k]["solvers"] for rr in rounds) for k in blocks]))
+            summary.append((T, steady))
+    finally:
+        probe.close()
+    print()
+    print(f"steady state (blocks {'1+' if args.blocks > 1 else '0'}):")
+    print(f"{'T':>3} | {'GPTQ s':>7} {'/solvers':>8} | {'E-PMQ s':>7} {'/solvers':>8} | {'E-PMQ/GPTQ':>10}")
+    for T, st in summary:
+        (tg, sg), (te, se) = st["gptq"], st["epmq"]
+        print(f"{T:>3} | {tg:>7.2f} {tg / sg:>8.2f} | {te:>7.2f} {te / se:>8.2f} | {te / tg:>10.2f}")
+    finish(loaded)
 
 
 if __name__ == "__main__":

@@ -94,14 +94,16 @@ def _defaults() -> dict[str, dict[str, Any]]:
             "cache_dir": "",
         },
         "eval": {"batch_size": 256, "progress": True, "limit": placeholder(int)},
-        "calib": {"n_per_task": 128, "seed": 0, "batch_size": 32},
+        # damp_center: what the solve's damping (size quant.damp) pulls toward: "merged" or "zero"
+        "calib": {"n_per_task": 128, "seed": 0, "batch_size": 32, "damp_center": "merged"},
     }
 
 
 def add_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds the run-wide keys (``run.mesh``, ``run.resume``, ``eval.limit``, ``eval.batch_size``,
-    ``eval.progress``, ``calib.n_per_task``, ``calib.seed``, ``calib.batch_size``) where the config
-    does not set them; returns ``cfg`` (changed in place)."""
+    """Adds the run-wide keys (``run.mesh``, ``run.resume``, ``run.cache_dir``, ``eval.limit``,
+    ``eval.batch_size``, ``eval.progress``, ``calib.n_per_task``, ``calib.seed``,
+    ``calib.batch_size``, ``calib.damp_center``) where the config does not set them; returns
+    ``cfg`` (changed in place)."""
     with cfg.unlocked():
         for section, values in _defaults().items():
             if section not in cfg:

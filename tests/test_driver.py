@@ -102,17 +102,24 @@ def _block(p, x):
     return x + _dense(p["down"], _hidden(p, x))
 
 
-def _wstar(wm, ws, xs, xts, lam, weighting):
-    hd, bd = 0.0, 0.0
+def _wstar(wm, ws, xs, xts, lam, weighting, values=None, path=None):
+    """W* of the output-anchored objective (no damping); records L(W_m) and L(W*) in ``values``."""
+    hd, bd, yy = 0.0, 0.0, 0.0
     for x, xt, w in zip(xs, xts, ws):
         x, xt = x.reshape(-1, x.shape[-1]), xt.reshape(-1, xt.shape[-1])
         g = x.T @ x
         om = {"uniform": 1.0, "tokens": 1.0 / len(x), "frobenius": 1.0 / np.linalg.norm(g)}[weighting]
-        hd, bd = hd + om * g, bd + om * x.T @ (xt @ w)
-    return np.linalg.solve((1 + lam) * hd, bd + lam * hd @ wm)   # output anchor, no damping
+        y = xt @ w
+        hd, bd, yy = hd + om * g, bd + om * x.T @ y, yy + om * np.sum(y * y)
+    h, b, c = (1 + lam) * hd, bd + lam * hd @ wm, yy + lam * np.sum(wm * (hd @ wm))
+    w_star = np.linalg.solve(h, b)
+    if values is not None:
+        value = lambda q: np.sum(q * (h @ q)) - 2 * np.sum(q * b) + c
+        values[path] = (value(wm), value(w_star), c)
+    return w_star
 
 
-def _reference(merged, experts, inputs, lam, weighting, target):
+def _reference(merged, experts, inputs, lam, weighting, target, values=None):
     merged, experts = _f64(merged), _f64(experts)
     xq = [_dense(merged["embed"], x.astype(np.float64)) for x in inputs]
     xe = [_dense(e["embed"], x.astype(np.float64)) for e, x in zip(experts, inputs)]
@@ -126,12 +133,12 @@ def _reference(merged, experts, inputs, lam, weighting, target):
         he = [_ln(b["ln"], x) for b, x in zip(eb, xe)] if target == "expert" else hq
         for layer in ("up", "gate"):
             cur[layer]["kernel"] = _wstar(merged[name][layer]["kernel"], [b[layer]["kernel"] for b in eb],
-                                          hq, he, lam, weighting)
+                                          hq, he, lam, weighting, values, f"{name}/{layer}/kernel")
         # group 2: down reads the hidden activation of the updated block
         zq = [_hidden(cur, x) for x in xq]
         ze = [_hidden(b, x) for b, x in zip(eb, xe)] if target == "expert" else zq
         cur["down"]["kernel"] = _wstar(merged[name]["down"]["kernel"], [b["down"]["kernel"] for b in eb],
-                                       zq, ze, lam, weighting)
+                                       zq, ze, lam, weighting, values, f"{name}/down/kernel")
         for layer in ("up", "gate", "down"):
             out[f"{name}/{layer}/kernel"] = cur[layer]["kernel"]
         xq = [_block(cur, x) for x in xq]
@@ -150,14 +157,18 @@ def test_unrounded_epmq_matches_float64_sequential_reference(lam, weighting, tar
     cfg = CalibConfig(objective=Objective(kind="epmq", lam=lam, target=target, task_weights=weighting),
                       rounding="none", damp=0.0, batch_size=4)   # 4 does not divide 10, 13, 7: padding
     res = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts)
-    want = _reference(merged, experts, inputs, lam, weighting, target)
+    values = {}
+    want = _reference(merged, experts, inputs, lam, weighting, target, values)
     got = _kernels(res.params)
     for p in want:
         np.testing.assert_allclose(got[p], want[p], rtol=2e-3, atol=2e-3 * np.abs(want[p]).max(), err_msg=p)
     assert [s["path"] for s in res.stats] == [f"block{k}/{l}/kernel" for k in range(2) for l in ("up", "gate", "down")]
     json.dumps(res.stats)                                     # the run's JSON output
-    assert all(np.isfinite(s["obj_relaxed"]) and s["obj_relaxed"] <= s["obj_merged"] * (1 + 1e-4)
-               for s in res.stats)
+    for s in res.stats:                                       # the reported objectives, against float64
+        merged_v, relaxed_v, const = values[s["path"]]
+        assert s["obj_merged"] == pytest.approx(merged_v, rel=5e-3, abs=1e-4 * const), s["path"]
+        assert s["obj_relaxed"] == pytest.approx(relaxed_v, rel=5e-3, abs=1e-4 * const), s["path"]
+        assert s["damp_center"] == "merged" and s["damp_requested"] == 0.0
     # other leaves untouched
     np.testing.assert_array_equal(res.params["block1"]["ln"]["scale"], merged["block1"]["ln"]["scale"])
 
@@ -200,10 +211,22 @@ def test_gptq_through_driver_beats_rtn_on_model_output():
     assert errs["gptq"] < errs["rtn"]
 
 
+def _deq_tree(t):
+    return jax.tree.map(lambda q: q.dequantize() if quant.is_quantized(q) else q, t, is_leaf=quant.is_quantized)
+
+
+def _output_mse(params, ref_params, inputs):
+    out = np.concatenate([_model_out(params, x) for x in inputs])
+    ref = np.concatenate([_model_out(ref_params, x) for x in inputs])
+    return float(np.mean((out - ref) ** 2))
+
+
 def test_single_expert_equal_to_merge_reproduces_gptq_run():
     # With X̃ = X (target="merged") the targets are the merged layer's own outputs, so W* = W_m and
     # the run is GPTQ's. (With target="expert" later layers would instead also correct the
-    # quantization error of earlier ones, since the expert path stays in float.)
+    # quantization error of earlier ones, since the expert path stays in float.) Two equal
+    # computations may round differently in the last bit and GPTQ's error feedback amplifies
+    # that: compare the runs by quality, not codes.
     merged, _, inputs = _problem(T=1, seed=3)
     spec = QuantSpec(bits=4, group_size=8)
     gptq = calibrate(ToyAdapter(), merged, inputs, CalibConfig(objective=Objective(kind="gptq"), spec=spec))
@@ -211,12 +234,13 @@ def test_single_expert_equal_to_merge_reproduces_gptq_run():
                      CalibConfig(objective=Objective(kind="epmq", lam=0.1, target="merged",
                                                task_weights="uniform"), spec=spec),
                      experts=[merged])
-    deq = lambda t: _kernels(jax.tree.map(lambda q: q.dequantize() if quant.is_quantized(q) else q, t,
-                                          is_leaf=quant.is_quantized))
-    a_all, b_all = deq(gptq.params), deq(epmq.params)
-    for p, a in a_all.items():
-        b = b_all[p]
-        assert np.mean(np.isclose(a, b, rtol=1e-5, atol=1e-6)) > 0.99, p
+    rtn = calibrate(ToyAdapter(), merged, inputs,
+                    CalibConfig(objective=Objective(kind="gptq"), rounding="rtn", spec=spec))
+    assert all(s["rel_dist"] < 1e-5 for s in epmq.stats)            # W* = W_m in every layer
+    err = {name: _output_mse(_deq_tree(r.params), merged, inputs)
+           for name, r in (("gptq", gptq), ("epmq", epmq), ("rtn", rtn))}
+    assert err["epmq"] == pytest.approx(err["gptq"], rel=0.15)
+    assert err["gptq"] < 0.8 * err["rtn"]                           # and that quality is GPTQ's
 
 
 def test_bad_inputs_raise():
@@ -227,6 +251,55 @@ def test_bad_inputs_raise():
         calibrate(ToyAdapter(), merged, [{"a": np.ones((3, 2)), "b": np.ones((4, 2))}], CalibConfig(objective=Objective(kind="gptq")))
     with pytest.raises(ValueError, match="rounding"):
         CalibConfig(rounding="floor")
+
+
+def _with_leaf(tree, path, fn):
+    out = jax.tree.map(lambda a: a, tree)
+    d = out
+    *keys, last = path.split("/")
+    for k in keys:
+        d = d[k]
+    d[last] = fn(d[last])
+    return out
+
+
+@pytest.mark.parametrize("case, match", [
+    ("nan_expert", r"block0/down/kernel' of experts\[1\].*NaN"),
+    ("nan_merged", r"block1/up/bias' of params.*NaN"),
+    ("missing_leaf", r"experts\[2\] has no leaf at path 'block1/gate/bias'"),
+    ("shape", r"block0/up/kernel': experts\[0\] has shape"),
+    ("nan_input", r"task_inputs\[2\].*NaN"),
+    ("axis", r"axis 'nope' is not an axis of the mesh.*'x'"),
+    ("spec_none", "spec"),
+    ("lam_inf", "lam must be a finite"),
+    ("damp_nan", "damp must be a finite"),
+    ("damp_center", "damp_center"),
+])
+def test_bad_values_raise_naming_them(case, match):
+    from epmq_jax.parallel import make_mesh
+
+    merged, experts, inputs = _problem()
+    kw = {}
+    make_cfg = lambda **c: CalibConfig(objective=Objective(kind="epmq"), **c)
+    if case == "nan_expert":
+        experts[1] = _with_leaf(experts[1], "block0/down/kernel", lambda a: a.at[0, 0].set(jnp.nan))
+    elif case == "nan_merged":
+        merged = _with_leaf(merged, "block1/up/bias", lambda a: a.at[0].set(jnp.nan))
+    elif case == "missing_leaf":
+        del experts[2]["block1"]["gate"]["bias"]
+    elif case == "shape":
+        experts[0] = _with_leaf(experts[0], "block0/up/kernel", lambda a: a[:, :3])
+    elif case == "nan_input":
+        inputs[2] = inputs[2].copy()
+        inputs[2][0, 0, 0] = np.nan
+    elif case == "axis":
+        kw = dict(mesh=make_mesh(("x",)), axis="nope")
+    with pytest.raises(ValueError, match=match):
+        cfg = {"spec_none": lambda: make_cfg(spec=None),
+               "lam_inf": lambda: CalibConfig(objective=Objective(kind="epmq", lam=float("inf"))),
+               "damp_nan": lambda: make_cfg(damp=float("nan")),
+               "damp_center": lambda: make_cfg(damp_center="experts")}.get(case, make_cfg)()
+        calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts, **kw)
 
 
 # ----------------------------------------------------------------------------- resume and sharding
@@ -271,6 +344,8 @@ def test_killed_run_resumes_from_last_block_with_identical_result(tmp_path, monk
 
 
 def test_sharded_over_8_devices_equals_single_device():
+    # Unrounded: equal up to float32 summation order. Rounded: the statistics' cross-device sums
+    # round differently in the last bit and GPTQ amplifies that, so equal quality, not codes.
     from epmq_jax.parallel import make_mesh
 
     merged, experts, inputs = _problem(seed=5)
@@ -284,11 +359,12 @@ def test_sharded_over_8_devices_equals_single_device():
         k = multi.params["block1"]["up"]["kernel"]
         arr = k if rounding == "none" else k.scales
         assert len(arr.sharding.device_set) == 8 and not arr.sharding.is_fully_replicated
-        deq = lambda t: _kernels(jax.tree.map(lambda q: q.dequantize() if quant.is_quantized(q) else q, t,
-                                              is_leaf=quant.is_quantized))
-        a, b = deq(single.params), deq(multi.params)
-        for p in a:
-            if rounding == "none":
+        a, b = _kernels(_deq_tree(single.params)), _kernels(_deq_tree(multi.params))
+        if rounding == "none":
+            for p in a:
                 np.testing.assert_allclose(b[p], a[p], rtol=1e-4, atol=1e-4 * np.abs(a[p]).max(), err_msg=p)
-            else:
-                assert np.mean(np.isclose(a[p], b[p], rtol=1e-5, atol=1e-6)) > 0.98, p
+            continue
+        for s1, s8 in zip(single.stats, multi.stats):
+            assert s8["obj_rounded"] == pytest.approx(s1["obj_rounded"], rel=0.1), s1["path"]
+        mse = [_output_mse(_deq_tree(r.params), merged, inputs) for r in (single, multi)]
+        assert mse[1] == pytest.approx(mse[0], rel=0.15)

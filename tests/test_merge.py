@@ -471,3 +471,33 @@ def test_validate_false_skips_value_checks():
                        experts[0]["params"]["head"]["kernel"].at[0, 0].set(jnp.nan))
     out = merge.task_arithmetic(base, experts, validate=False)
     assert np.isnan(np.asarray(out["params"]["head"]["kernel"])[0, 0])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda b, es: merge.task_arithmetic(b, es, scaling=float("nan")), "scaling"),
+    (lambda b, es: merge.task_arithmetic(b, es, scaling=float("inf")), "scaling"),
+    (lambda b, es: merge.task_arithmetic(b, es, scaling=[0.3, float("nan"), 0.3]), "scaling"),
+    (lambda b, es: merge.ties_merging(b, es, scaling=float("nan")), "scaling"),
+    (lambda b, es: merge.ties_merging(b, es, density=float("nan")), "density"),
+    (lambda b, es: merge.dare(b, es, key=jax.random.key(0), drop=float("nan")), "drop"),
+    (lambda b, es: merge.dare(b, es, key=jax.random.key(0), scaling=float("nan")), "scaling"),
+    (lambda b, es: merge.dare(b, es, key=jax.random.key(0), merge="ties", scaling=float("inf")),
+     "scaling"),
+])
+def test_non_finite_float_arguments_raise(call, match):
+    base, experts = make_trees()
+    with pytest.raises(ValueError, match=match):
+        call(base, experts)
+
+
+@pytest.mark.parametrize("call", [
+    lambda b, es, f: merge.task_arithmetic(b, es, filter=f),
+    lambda b, es, f: merge.ties_merging(b, es, filter=f),
+    lambda b, es, f: merge.dare(b, es, key=jax.random.key(0), filter=f),
+    lambda b, es, f: merge.dare(b, es, key=jax.random.key(0), merge="ties", filter=f),
+    lambda b, es, f: merge.average([b, *es], filter=f),
+])
+def test_filter_matching_no_leaf_raises_naming_it(call):
+    base, experts = make_trees()
+    with pytest.raises(ValueError, match="nomatch"):
+        call(base, experts, "nomatch")

@@ -2,24 +2,34 @@
 
 For block k, in forward order:
 
-1. for every group of linear layers of the block (layers that read the same input, groups in
-   execution order: true-sequential), each task's calibration batches run through the block
-   as it stands (earlier blocks and earlier groups already calibrated) and, when the objective
-   uses expert-side inputs, through expert t's own block; the group's statistics H and B are
-   accumulated (:mod:`epmq_jax.calib.stats`), each layer's objective is solved and rounded
-   (:func:`epmq_jax.calib.solve_layer`) and its effective kernel written into the block;
-2. the calibrated block's outputs become block k+1's inputs; the expert paths advance beside it
-   (task t's data through expert t).
+1. when the objective uses expert-side inputs, task t's batches run once through expert t's own
+   block k (one compiled pass per task): this gives the target-side inputs X̃ of every group of
+   the block and the expert paths' inputs to block k+1;
+2. for every group of linear layers of the block (layers that read the same input, groups in
+   execution order: true-sequential), each task's batches run through the block as it stands
+   (earlier blocks and earlier groups already calibrated) and the group's statistics H and B are
+   accumulated (:mod:`epmq_jax.calib.stats`): one compiled scan over a task's batches, then the
+   task's sums are added with its weight ω_t (memory: two accumulators and one expert block at
+   a time, flat in T); each layer's objective is solved, rounded and reported
+   (:func:`epmq_jax.calib.solve.layer_step`, one compiled program per layer shape) and its
+   effective kernel written into the block;
+3. the calibrated block's outputs become block k+1's inputs.
 
-Model knowledge comes only from the adapter (:mod:`epmq_jax.calib.adapter`). The per-group
-statistics and the block forward are jitted with the adapter as a static argument, so every
-block of one kind, every later run and every variant (λ, bits, rounder) reuses the compiled
-code. Batches are padded to a fixed size (padding rows masked out) for the same reason.
+Nothing inside a block waits for the host: the per-layer scalar statistics (and the solver's
+failure flags) are fetched once per block, checked, and turned into JSON-able dicts. Model
+knowledge comes only from the adapter (:mod:`epmq_jax.calib.adapter`). The compiled functions
+take the adapter, the group and the objective's switches as static arguments and everything
+else (λ, δ, the block's parameters) as arrays, so every block of one kind, every later run and
+every variant (λ, damping, bits) reuses the compiled code: compilation is paid once per
+distinct shape. Batches are padded to a fixed size (padding rows masked out) for the same reason.
 
 Sharding: with a ``mesh``, the calibration batches are split over the mesh axis along the
 sample axis (the jitted statistics reduce across devices) and each layer's solve and rounding
 run with the kernel and B split over output channels (H replicated). Nothing sharded is
-gathered to a host: only per-layer scalar statistics are fetched.
+gathered to a host: only per-layer scalar statistics are fetched. GPTQ on a column-split kernel
+gives the single-device codes bit for bit; the statistics' cross-device sums are not
+order-deterministic, so a sharded E-PMQ run equals the single-device one in quality (objective
+values), not bit for bit (see docs/adapters.md).
 
 Resumable: with ``checkpoint_dir`` the state is saved (orbax, atomically) after every block; a
 rerun with the same arguments replays the finished blocks' forward passes and continues,
@@ -30,12 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,7 +55,15 @@ from epmq_jax.calib import awq
 from epmq_jax.calib import stats as st
 from epmq_jax.calib.adapter import CalibAdapter, get_path
 from epmq_jax.calib.objectives import Objective, target_input
-from epmq_jax.calib.solve import ROUNDINGS, effective_kernel, solve_layer
+from epmq_jax.calib.solve import (
+    ROUNDINGS,
+    DampCenter,
+    check_damping,
+    check_spec,
+    effective_kernel,
+    finish_stats,
+    layer_step,
+)
 from epmq_jax.quant import QuantSpec
 
 PyTree = Any
@@ -59,9 +79,15 @@ class CalibConfig:
         RTN/GPTQ/AWQ on the merge, ``epmq``, or ``regmean``.
       rounding: ``gptq``, ``rtn``, ``awq`` (llm-awq, whole blocks at a time: scales shared by
         the layers reading one input and folded into the op before them, clipping, RTN; see
-        :mod:`epmq_jax.calib.awq`; the adapter needs ``awq_groups``) or ``none`` (keep W* in float).
-      spec: the quantization grid.
-      damp: relative damping δ of the solve and of GPTQ.
+        :mod:`epmq_jax.calib.awq`; the adapter needs ``awq_groups``; objective ``gptq`` only)
+        or ``none`` (keep W* in float).
+      spec: the quantization grid (may be None with ``rounding="none"``).
+      damp: size δ of the solve's damping, relative to the mean diagonal of H (0: none, unless
+        H is not positive definite). A second anchor beside λ: see
+        :mod:`epmq_jax.calib.solve`.
+      damp_center: what the solve's damping pulls toward: ``merged`` (W_m) or ``zero`` (plain
+        ridge, as GPTQ's).
+      gptq_damp: GPTQ rounding's δ (default None: the same as ``damp``).
       block_size, act_order, static_groups: GPTQ options.
       awq: shorthand for ``rounding="awq"`` (overrides ``rounding``).
       awq_grid: number of AWQ scale ratios; awq_clip: AWQ's clipping search (never for q, k).
@@ -73,8 +99,10 @@ class CalibConfig:
 
     objective: Objective = Objective()
     rounding: Literal["gptq", "rtn", "awq", "none"] = "gptq"
-    spec: QuantSpec = QuantSpec()
+    spec: QuantSpec | None = QuantSpec()
     damp: float = 0.01
+    damp_center: DampCenter = "merged"
+    gptq_damp: float | None = None
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
@@ -87,8 +115,17 @@ class CalibConfig:
     def __post_init__(self):
         if self.rounder not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.objective, Objective):
+            raise ValueError(f"objective must be an epmq_jax.calib.Objective, got "
+                             f"{type(self.objective).__name__}")
+        check_spec(self.spec, self.rounder)
+        check_damping(self.damp, self.damp_center)
+        if self.gptq_damp is not None:
+            check_damping(self.gptq_damp, self.damp_center, name="gptq_damp")
+        for name in ("batch_size", "block_size", "awq_grid"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.rounder == "awq" and self.objective.kind != "gptq":
             raise ValueError(f"rounding='awq' is llm-awq on the model being quantized: it needs "
                              f"objective kind 'gptq', got {self.objective.kind!r}")
@@ -118,13 +155,17 @@ class CalibResult:
 
     Attributes:
       params: the input params with every calibrated kernel replaced by a
-        :class:`~epmq_jax.quant.QuantizedWeight` (or by the float W* for ``rounding="none"``).
+        :class:`~epmq_jax.quant.QuantizedWeight` (or by the float W* for ``rounding="none"``),
+        in the kernel's own dtype.
       stats: one JSON-able dict per layer, in calibration order: ``path``, ``block``, ``group``,
-        ``rel_dist``, ``cond``, ``damp``, ``obj_merged``, ``obj_relaxed``, ``obj_rounded``,
-        ``rounding``, ``time_s`` (see :func:`~epmq_jax.calib.solve_layer`), ``n_rows``,
-        ``task_weights``. RTN of the merge (``gptq`` objective, ``rtn`` rounding) needs no data
-        and runs no forward pass: its entries hold only ``path``, ``block``, ``group``,
-        ``rounding`` and ``time_s``.
+        ``rel_dist``, ``cond``, ``damp`` (δ the solve used), ``damp_requested``,
+        ``damp_center``, ``damp_raised``, ``n_dead``, ``obj_merged``, ``obj_relaxed``,
+        ``obj_rounded``, ``rounding`` (see :func:`~epmq_jax.calib.solve_layer`; ``gptq_damp``
+        with GPTQ rounding, ``awq_ratio`` with AWQ), ``n_rows``, ``task_weights`` and
+        ``block_time_s`` (wall time of the whole block: layers are not timed one by one, which
+        would need a host round trip each). RTN of the merge (``gptq`` objective, ``rtn``
+        rounding) needs no data and runs no forward pass: its entries hold only ``path``,
+        ``block``, ``group``, ``rounding`` and ``block_time_s``.
     """
 
     params: PyTree
@@ -164,7 +205,38 @@ def _kernel(block_params: PyTree, rel: str, where: str) -> jax.Array:
     return w
 
 
-# ----------------------------------------------------------------------------- jitted pieces
+# ----------------------------------------------------------------------------- the batches
+
+
+def _n_samples(inputs: PyTree, where: str) -> int:
+    leaves = jax.tree_util.tree_leaves(inputs)
+    if not leaves:
+        raise ValueError(f"{where}: no arrays (expected model inputs with a leading sample axis)")
+    ns = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(ns) != 1 or None in ns:
+        raise ValueError(f"{where}: every leaf needs the same leading (sample) axis, got sizes "
+                         f"{sorted(ns, key=str)}")
+    n = ns.pop()
+    if n == 0:
+        raise ValueError(f"{where}: no calibration samples")
+    return n
+
+
+def _batches(inputs: PyTree, batch_size: int, where: str, sharding) -> tuple[PyTree, jax.Array]:
+    """One task's inputs as fixed-size batches ``(n_batches, batch_size, ...)`` and their mask
+    ``(n_batches, batch_size)``; the last batch is filled by repeating real samples, masked out."""
+    n = _n_samples(inputs, where)
+    nb = -(-n // batch_size)
+    idx = np.arange(nb * batch_size) % n
+    stacked = jax.tree.map(lambda x: np.asarray(x)[idx].reshape((nb, batch_size) + np.shape(x)[1:]),
+                           inputs)
+    mask = (np.arange(nb * batch_size) < n).astype(np.float32).reshape(nb, batch_size)
+    if sharding is not None:
+        return jax.device_put((stacked, mask), sharding)
+    return stacked, jnp.asarray(mask)
+
+
+# ----------------------------------------------------------------------------- compiled pieces
 
 
 def _rows_weight(cap: Any, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -176,75 +248,115 @@ def _rows_weight(cap: Any, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _embed(adapter, params, inputs):
-    return adapter.embed(params, inputs)
+def _embed_all(adapter, params, inputs):
+    """Block 0's input carry of every batch: leaves ``(N', batch_size, ...)``."""
+    return jax.lax.map(lambda b: adapter.embed(params, b), inputs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _advance(adapter, kind, block_params, carry):
-    return adapter.run_block(kind, block_params, carry)[0]
+def _advance_all(adapter, kind, block_params, carry):
+    """Every batch through one block (no captures kept)."""
+    return jax.lax.map(lambda c: adapter.run_block(kind, block_params, c)[0], carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _group_moments(adapter, kind, group, objective, block_params, carry, expert_block, expert_carry,
-                   expert_kernels, mask):
-    """One batch's moments for the layers of ``group``: {path: Moments} (H shared by the group)."""
-    _, caps = adapter.run_block(kind, block_params, carry)
-    missing = [p for p in group if p not in caps]
-    if missing:
-        raise ValueError(f"run_block captured no input for {missing} (captured: {sorted(caps)})")
-    x, w = _rows_weight(caps[group[0]], mask)
-    base = st.moments(x, None, w)
-    if not objective.needs_targets:
-        return {p: base for p in group}
-    x_exp = None
-    if objective.needs_expert_inputs:
-        _, ecaps = adapter.run_block(kind, expert_block, expert_carry)
-        x_exp = _rows_weight(ecaps[group[0]], mask)[0]
-    xt = target_input(x, x_exp, objective)
-    out = {}
-    for p in group:
-        m = st.moments(x, jnp.matmul(xt, expert_kernels[p].astype(jnp.float32), precision=_HI), w)
-        out[p] = m._replace(h=base.h)
-    return out
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _expert_pass(adapter, kind, capture, expert_block, carry):
+    """A task's batches through its expert's block: ``(carry out, {path: input (n_batches, ...)})``
+    for the kernel paths in ``capture`` (one per group)."""
+    def one(c):
+        out, caps = adapter.run_block(kind, expert_block, c)
+        return out, {p: caps[p][0] if isinstance(caps[p], tuple) else caps[p] for p in capture}
+
+    return jax.lax.map(one, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _fold(total, task, weighting):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(9,))
+def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_expert,
+                  expert_kernels, total):
+    """One task's moments for the layers of a group, in one scan over its batches, added with
+    the task's weight ω_t into the running total.
+
+    Each batch runs through the block up to the group's input (the rest of the block is dead
+    code to XLA).
+
+    Args:
+      group: the group's kernel paths (static); objective: its switches (static, λ unused).
+      block_params: the block as it stands.
+      carry: the task's carries on the quantized path, leaves ``(n_batches, batch_size, ...)``.
+      mask: ``(n_batches, batch_size)``, 0 for padding samples.
+      x_expert: the group's input on the task's expert path ``(n_batches, batch_size, ..., d_in)``
+        or None.
+      expert_kernels: ``{path: W_t}`` of the task's expert, or None (objectives without targets).
+      total: the ω-weighted ``{path: Moments}`` of the tasks before, or None (its buffers are
+        reused for the result).
+
+    Returns:
+      ``({path: Moments} with this task added, ω_t)`` (H shared by the group).
+    """
+    def batch(i):
+        _, caps = adapter.run_block(kind, block_params, jax.tree.map(lambda a: a[i], carry))
+        missing = [p for p in group if p not in caps]
+        if missing:
+            raise ValueError(f"run_block captured no input for {missing} (captured: {sorted(caps)})")
+        x, w = _rows_weight(caps[group[0]], mask[i])
+        m = st.moments(x, None, w)
+        out = {"h": m.h, "n": m.n, "abs": m.abs_sum, "b": {}, "yy": {}}
+        if expert_kernels is not None:
+            xt = target_input(x, None if x_expert is None else x_expert[i], objective)
+            for p in group:
+                y = jnp.matmul(xt.astype(jnp.float32), expert_kernels[p].astype(jnp.float32),
+                               precision=_HI)
+                out["b"][p], out["yy"][p] = st.cross_moments(x, y, w)
+        return out
+
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
+    acc = jax.lax.fori_loop(0, mask.shape[0], lambda i, a: jax.tree.map(jnp.add, a, batch(i)), zero)
+    zero = jnp.zeros((), jnp.float32)
     new, omega = {}, None
-    for p in task:
-        new[p], omega = st.fold_task(None if total is None else total[p], task[p], weighting)
+    for p in group:
+        task = st.Moments(acc["h"], acc["b"].get(p), acc["yy"].get(p, zero), acc["n"], acc["abs"])
+        new[p], omega = st.fold_task(None if total is None else total[p], task,
+                                     objective.task_weights)
     return new, omega
 
 
-_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+# ----------------------------------------------------------------------------- input checks
 
 
-# ----------------------------------------------------------------------------- batching
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
 
 
-def _n_samples(inputs: PyTree, where: str) -> int:
-    ns = {x.shape[0] for x in jax.tree_util.tree_leaves(inputs)}
-    if len(ns) != 1:
-        raise ValueError(f"{where}: every leaf needs the same leading (sample) axis, got sizes {sorted(ns)}")
-    n = ns.pop()
-    if n == 0:
-        raise ValueError(f"{where}: no calibration samples")
-    return n
+def _check_inputs(params: PyTree, experts: Sequence[PyTree] | None,
+                  task_inputs: Sequence[PyTree]) -> None:
+    """Structure, shapes, dtypes and finiteness of everything, before any work (one sync)."""
+    from epmq_jax._tree import leaves_with_paths
+    from epmq_jax.merge._validate import flatten_inputs
+
+    flatten_inputs(params, list(experts or []), ref_name="params", validate=True)
+    named = [(f"task_inputs[{t}]" + (f" leaf '{p}'" if p else ""), x)
+             for t, tree in enumerate(task_inputs) for p, x in leaves_with_paths(tree)
+             if jnp.issubdtype(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                               jnp.inexact)]
+    if named:
+        flags = jax.device_get(_finite_flags([jnp.asarray(x) for _, x in named]))
+        for (name, x), ok in zip(named, flags):
+            if not ok:
+                raise ValueError(f"{name} (shape {tuple(np.shape(x))}) contains NaN or inf")
 
 
-def _batches(inputs: PyTree, batch_size: int, where: str, sharding) -> list[tuple[PyTree, jax.Array]]:
-    """Splits a task's inputs into fixed-size batches; the last is filled by repeating real samples, masked out."""
-    n = _n_samples(inputs, where)
-    out = []
-    for s in range(0, n, batch_size):
-        idx = jnp.arange(s, s + batch_size) % n if s + batch_size > n else slice(s, s + batch_size)
-        batch = jax.tree.map(lambda x, i=idx: jnp.asarray(x)[i], inputs)
-        mask = (jnp.arange(s, s + batch_size) < n).astype(jnp.float32)
-        if sharding is not None:
-            batch, mask = jax.device_put((batch, mask), sharding)
-        out.append((batch, mask))
-    return out
+def _check_mesh(mesh, axis) -> str | None:
+    if mesh is None:
+        if axis is not None:
+            raise ValueError(f"axis={axis!r} given without a mesh")
+        return None
+    if axis is None:
+        return mesh.axis_names[0]
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis {axis!r} is not an axis of the mesh (its axes: "
+                         f"{tuple(mesh.axis_names)})")
+    return axis
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -266,11 +378,13 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
 
     Args:
       adapter: the model family's adapter (:class:`~epmq_jax.calib.adapter.CalibAdapter`).
-      params: the model being calibrated (the merge), a pure nested-dict param tree.
+      params: the model being calibrated (the merge), a pure nested-dict param tree; float32,
+        bfloat16 or float16 kernels (each comes back in its own dtype; statistics, solves and
+        rounding run in float32).
       task_inputs: T model-input pytrees (leading axis = samples), task t's calibration data.
       config: the objective, rounder and options (:class:`CalibConfig`).
-      experts: T expert param trees, same structure as ``params`` (needed by ``epmq`` and
-        ``regmean``; task t's data runs through expert t).
+      experts: T expert param trees, same structure, shapes and dtypes as ``params`` (needed by
+        ``epmq`` and ``regmean``; task t's data runs through expert t).
       mesh: optional mesh; batches are split over ``axis`` along samples, solves over output
         channels. ``batch_size`` is rounded up to a multiple of the axis size.
       axis: mesh axis name (default: the mesh's first axis).
@@ -279,13 +393,27 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
       on_block: called with the block index after each block is finished (calibrated, its
         outputs computed and checkpointed), e.g. for timing or logging.
 
+    Every block forward (the model's own layers, for the captures and the next block's inputs)
+    runs at ``Precision.HIGHEST`` (``jax.default_matmul_precision("highest")``), as the
+    statistics, solves and rounders do: an accelerator's default (TF32, bf16 passes) would
+    change the calibration data.
+
     Returns:
       :class:`CalibResult` (calibrated params and per-layer statistics).
 
     Raises:
-      ValueError: missing or mismatched experts, inputs without a common sample axis, a kernel
-        path the block lacks, a capture missing, or a checkpoint of another run.
+      ValueError: missing or mismatched experts (the first differing leaf path is named), NaN or
+        inf in an input, inputs without a common sample axis, an axis the mesh lacks, a kernel
+        path the block lacks, a capture missing, a Hessian no damping makes positive definite,
+        or a checkpoint of another run.
     """
+    with jax.default_matmul_precision("highest"):
+        return _calibrate(adapter, params, task_inputs, config, experts=experts, mesh=mesh, axis=axis,
+                          checkpoint_dir=checkpoint_dir, progress=progress, on_block=on_block)
+
+
+def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, checkpoint_dir, progress,
+               on_block) -> CalibResult:
     obj = config.objective
     T = len(task_inputs)
     if T == 0:
@@ -294,16 +422,19 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         if experts is None or len(experts) != T:
             raise ValueError(f"objective {obj.kind!r} needs one expert per task: got "
                              f"{0 if experts is None else len(experts)} experts for {T} tasks")
-    axis = None if mesh is None else (axis or mesh.axis_names[0])
+    else:
+        experts = None
+    axis = _check_mesh(mesh, axis)
+    _check_inputs(params, experts, task_inputs)
     bs = config.batch_size
     sharding = None
     if mesh is not None:
         k = mesh.shape[axis]
         bs = -(-bs // k) * k
-        sharding = NamedSharding(mesh, P(axis))
+        sharding = NamedSharding(mesh, P(None, axis))     # (batches, samples, ...): samples split
     blocks = list(adapter.block_paths(params))
     if obj.kind == "gptq" and config.rounder == "rtn":   # data-free: no forward passes at all
-        return _rtn_only(adapter, params, blocks, config)
+        return _rtn_only(adapter, params, blocks, config, on_block)
 
     ckpt = None
     done, restored, stats = 0, {}, []
@@ -318,32 +449,38 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
             done, restored, stats = state
 
     batches = [_batches(x, bs, f"task_inputs[{t}]", sharding) for t, x in enumerate(task_inputs)]
-    masks = [[m for _, m in tb] for tb in batches]
-    q_carry = [[_embed(adapter, params, b) for b, _ in tb] for tb in batches]
+    masks = [m for _, m in batches]
+    q_carry = [_embed_all(adapter, params, b) for b, _ in batches]
     e_carry = None
     if obj.needs_expert_inputs:
-        e_carry = [[_embed(adapter, experts[t], b) for b, _ in tb] for t, tb in enumerate(batches)]
+        e_carry = [_embed_all(adapter, experts[t], b) for t, (b, _) in enumerate(batches)]
     del batches
 
     kernels: dict[str, Any] = dict(restored)
-    out_params = params
     bar = range(len(blocks))
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(bar, desc=f"calibrate {obj.kind}/{config.rounder}", leave=False)
     for k in bar:
+        t0 = time.perf_counter()
         bpath = blocks[k]
         kind = adapter.block_kind(k)
         groups = adapter.linear_groups(kind)
         where = "/".join(str(p) for p in bpath)
         merged_block = get_path(params, bpath)
-        expert_blocks = [get_path(e, bpath) for e in experts] if obj.needs_targets else None
-        block = merged_block
+        expert_blocks = [get_path(e, bpath) for e in experts] if experts is not None else None
+        x_expert = [{}] * T
+        if e_carry is not None:      # one pass per task through its expert's block
+            capture = tuple(g[0] for g in groups)   # also when replaying: the same program
+            passes = [_expert_pass(adapter, kind, capture, expert_blocks[t], e_carry[t])
+                      for t in range(T)]
+            e_carry, x_expert = [c for c, _ in passes], [x for _, x in passes]
+        block, pending = merged_block, []
         if config.rounder == "awq":    # whole blocks: shared scales folded into the ops before them
             if k >= done:
                 changed, block_stats = awq.calibrate_block(
-                    adapter, kind, merged_block, q_carry, masks, config.spec, where=where,
-                    **config.rounder_options())
+                    adapter, kind, merged_block, _per_batch(q_carry), _per_batch(masks),
+                    config.spec, where=where, **config.rounder_options())
                 kernels.update({_full_path(bpath, rel): v for rel, v in changed.items()})
                 stats += [{**s, "block": k} for s in block_stats]
             if not config.propagate_float:
@@ -357,73 +494,115 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
                     q = kernels[_full_path(bpath, rel)]
                     block = _set_path(block, _key_path(rel), effective_kernel(q))
                 continue
-            block, layer_stats = _calibrate_group(
-                adapter, kind, group, block, merged_block, expert_blocks, q_carry, e_carry, masks,
-                config, mesh, axis, where)
-            for rel, q, s in layer_stats:
-                kernels[_full_path(bpath, rel)] = q
-                stats.append({**s, "block": k, "group": gi})
+            block, layers = _calibrate_group(
+                adapter, kind, group, block, merged_block, expert_blocks, q_carry,
+                [x.get(group[0]) for x in x_expert], masks, config, mesh, axis, where)
+            pending += [(gi, *layer) for layer in layers]
         out_block = merged_block if config.propagate_float else block
-        q_carry = [[_advance(adapter, kind, out_block, c) for c in tc] for tc in q_carry]
-        if e_carry is not None:
-            e_carry = [[_advance(adapter, kind, expert_blocks[t], c) for c in tc]
-                       for t, tc in enumerate(e_carry)]
+        q_carry = [_advance_all(adapter, kind, out_block, c) for c in q_carry]
+        if pending:
+            stats += _finish_block(pending, k, config, bpath, kernels)
+            block_time = time.perf_counter() - t0
+            for s in stats[-len(pending):]:
+                s["block_time_s"] = block_time
         if ckpt is not None and k >= done:
-            ckpt.save(k + 1, {p: kernels[p] for p in kernels}, stats)
+            ckpt.save(k + 1, dict(kernels), stats)
         if on_block is not None:
             jax.block_until_ready(q_carry)
             on_block(k)
+    out_params = params
     for full, q in kernels.items():
         out_params = _set_path(out_params, _key_path(full), q)
     return CalibResult(out_params, stats)
 
 
-def _rtn_only(adapter, params, blocks, config: CalibConfig) -> CalibResult:
+def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) -> list[dict]:
+    """Fetches a block's statistics at once (one host round trip), checks them, records the kernels."""
+    raw = jax.device_get([(r, n, om) for _, _, _, _, r, n, om in pending])
+    out = []
+    for (gi, rel, q, shape, _, _, _), (r, n, om) in zip(pending, raw):
+        path = _full_path(bpath, rel)
+        s = finish_stats(r, path=path, shape=shape, objective=config.objective,
+                         rounding=config.rounder, damp=config.damp,
+                         damp_center=config.damp_center, gptq_damp=config.gptq_damp)
+        s.update(block=k, group=gi, n_rows=_f32(n), task_weights=[_f32(o) for o in om])
+        kernels[path] = q
+        out.append(s)
+    return out
+
+
+def _per_batch(stacked: Sequence[PyTree]) -> list[list[PyTree]]:
+    """Per task, the stacked batches ``(n_batches, batch, ...)`` as a list of single batches."""
+    return [[jax.tree.map(lambda x, i=i: x[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0])]
+            for tree in stacked]
+
+
+def _f32(v) -> float:
+    """A float32 scalar as the Python float of its shortest repr (0.01, not 0.009999999776)."""
+    return float(str(np.float32(v)))
+
+
+def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibResult:
     """RTN of every kernel the adapter names (it needs no calibration data)."""
     from epmq_jax.quant import rtn
 
     out, stats = params, []
     for k, bpath in enumerate(blocks):
+        t0 = time.perf_counter()
         where = "/".join(str(p) for p in bpath)
+        first = len(stats)
         for gi, group in enumerate(adapter.linear_groups(adapter.block_kind(k))):
             for rel in group:
-                t0 = time.perf_counter()
                 q = rtn(_kernel(get_path(params, bpath), rel, where), config.spec)
-                jax.block_until_ready(q)
                 out = _set_path(out, [*bpath, *_key_path(rel)], q)
-                stats.append({"path": f"{where}/{rel}", "block": k, "group": gi, "rounding": "rtn",
-                              "time_s": time.perf_counter() - t0})
+                stats.append({"path": f"{where}/{rel}", "block": k, "group": gi, "rounding": "rtn"})
+        jax.block_until_ready(out)
+        for s in stats[first:]:
+            s["block_time_s"] = time.perf_counter() - t0
+        if on_block is not None:
+            on_block(k)
     return CalibResult(out, stats)
 
 
-def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q_carry, e_carry,
+def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q_carry, x_expert,
                      masks, config: CalibConfig, mesh, axis, where):
-    """Statistics, solve and rounding for one group of layers; returns the updated block and [(rel, q, stats)]."""
+    """Statistics, solve and rounding for one group of layers, all dispatched without waiting.
+
+    Tasks are processed one after the other (each task's batches in one compiled scan), so the
+    statistics hold two accumulators whatever the number of tasks.
+
+    Returns:
+      ``(updated block, [(rel, q, (d_in, d_in), raw stats, n_rows, [ω_t])])``; the raw statistics
+      are device scalars for :func:`_finish_block`. (Rounders that work on a whole group or
+      block, e.g. AWQ with scales shared by the layers of a group, replace the per-layer loop
+      below.)
+    """
     obj = config.objective
-    # λ, the anchor and the task weights do not enter the batch statistics: one compilation for all
-    static_obj = dataclasses.replace(obj, lam=0.0, anchor="output", task_weights="uniform")
+    # λ, the anchor and the damping do not enter the batch statistics: one compilation for all
+    static_obj = dataclasses.replace(obj, lam=0.0, anchor="output")
+    for p in group:
+        _kernel(block, p, where)
     total, omegas = None, []
     for t in range(len(q_carry)):
-        e_block = expert_blocks[t] if obj.needs_expert_inputs else None
-        e_kern = ({p: _kernel(expert_blocks[t], p, f"experts[{t}]/{where}") for p in group}
-                  if obj.needs_targets else None)
-        task = None
-        for i, carry in enumerate(q_carry[t]):
-            m = _group_moments(adapter, kind, group, static_obj, block, carry, e_block,
-                               None if e_carry is None else e_carry[t][i], e_kern, masks[t][i])
-            task = m if task is None else _add(task, m)
-        total, omega = _fold(total, task, obj.task_weights)
+        e_kern = None
+        if obj.needs_targets:
+            e_kern = {p: _kernel(expert_blocks[t], p, f"experts[{t}]/{where}") for p in group}
+        total, omega = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
+                                     x_expert[t], e_kern, total)
         omegas.append(omega)
-    omegas = [float(o) for o in jax.device_get(omegas)]
+    columns = None if mesh is None else (mesh, axis)
     results = []
     for rel in group:
-        w_m = _place_columns(_kernel(merged_block, rel, where), mesh, axis)
+        w_m = _kernel(merged_block, rel, where)
         m = total[rel]
+        cols = columns if mesh is not None and w_m.shape[1] % mesh.shape[axis] == 0 else None
+        w_m = _place_columns(w_m, mesh, axis)
         if m.b is not None:
             m = m._replace(b=_place_columns(m.b, mesh, axis))
-        q, s = solve_layer(obj, m, w_m, config.spec, rounding=config.rounder, damp=config.damp,
-                           path=f"{where}/{rel}", **config.rounder_options())
-        s.update(n_rows=float(m.n), task_weights=omegas)
-        block = _set_path(block, _key_path(rel), effective_kernel(q))
-        results.append((rel, q, s))
+        q, eff, raw = layer_step(obj, m, w_m, config.spec, rounding=config.rounder,
+                                 damp=config.damp, damp_center=config.damp_center,
+                                 gptq_damp=config.gptq_damp, columns=cols,
+                                 **config.rounder_options())
+        block = _set_path(block, _key_path(rel), eff)
+        results.append((rel, q, (w_m.shape[0],) * 2, raw, m.n, omegas))
     return block, results

@@ -22,6 +22,8 @@ expert t's own forward pass), ``merged`` (X̃_t = X_t) or ``mix`` (α·expert + 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Literal, NamedTuple
 
 import jax
@@ -70,9 +72,9 @@ class Objective:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.task_weights not in TASK_WEIGHTINGS:
             raise ValueError(f"task_weights must be one of {TASK_WEIGHTINGS}, got {self.task_weights!r}")
-        if not self.lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if not (isinstance(self.lam, numbers.Real) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
+        if not (isinstance(self.alpha, numbers.Real) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
 
     @property
@@ -127,23 +129,37 @@ def layer_system(objective: Objective, m: Moments, w_merged: jax.Array,
     Returns:
       The :class:`System`.
     """
+    return system_and_merged(objective, m, w_merged, lam)[0]
+
+
+def system_and_merged(objective: Objective, m: Moments, w_merged: jax.Array,
+                      lam: float | jax.Array | None = None) -> tuple[System, jax.Array]:
+    """:func:`layer_system` and H·W_m ``(d_in, d_out)``, which it computes on the way (one matmul).
+
+    With H·W_m, L(W_m) = tr(W_mᵀ(H W_m)) − 2tr(W_mᵀB) + const costs no further matmul.
+    """
     h_d = m.h
     w_m = w_merged.astype(jnp.float32)
     hw = jnp.matmul(h_d, w_m, precision=_HI)
     if objective.kind == "gptq":
-        return System(h_d, hw, _tr_ab(w_m, hw))
+        return System(h_d, hw, _tr_ab(w_m, hw)), hw
     if m.b is None:
         raise ValueError(f"objective {objective.kind!r} needs target moments B")
     lam = (objective.lam if lam is None else lam) if objective.kind == "epmq" else 0.0
     if objective.anchor == "weight":
         c = jnp.mean(jnp.diag(h_d))
         eye = jnp.eye(h_d.shape[0], dtype=h_d.dtype)
-        return System(h_d + lam * c * eye, m.b + lam * c * w_m, m.yy + lam * c * _tr_ab(w_m, w_m))
-    return System((1.0 + lam) * h_d, m.b + lam * hw, m.yy + lam * _tr_ab(w_m, hw))
+        return (System(h_d + lam * c * eye, m.b + lam * c * w_m, m.yy + lam * c * _tr_ab(w_m, w_m)),
+                hw + lam * c * w_m)
+    return System((1.0 + lam) * h_d, m.b + lam * hw, m.yy + lam * _tr_ab(w_m, hw)), (1.0 + lam) * hw
+
+
+def value_from_product(system: System, q: jax.Array, hq: jax.Array) -> jax.Array:
+    """L(Q) from Q and H·Q (no matmul): tr(QᵀHQ) − 2tr(QᵀB) + const."""
+    return _tr_ab(q, hq) - 2.0 * _tr_ab(q, system.b) + system.const
 
 
 def objective_value(system: System, q: jax.Array) -> jax.Array:
     """L(Q) = tr(QᵀHQ) − 2tr(QᵀB) + const (float32, HIGHEST precision)."""
     q = q.astype(jnp.float32)
-    hq = jnp.matmul(system.h, q, precision=_HI)
-    return _tr_ab(q, hq) - 2.0 * _tr_ab(q, system.b) + system.const
+    return value_from_product(system, q, jnp.matmul(system.h, q, precision=_HI))

@@ -32,30 +32,32 @@ from jax.sharding import PartitionSpec as P
 
 from epmq_jax._tree import PathFilter, compile_filter, map_with_path
 from epmq_jax.calib.adapter import CalibAdapter, get_path
-from epmq_jax.calib.driver import _batches, _key_path, _rows_weight, _set_path
+from epmq_jax.calib.driver import _batches, _embed_all, _key_path, _rows_weight, _set_path
 from epmq_jax.calib.solve import solve
 
 PyTree = Any
 _HI = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _embed(adapter, params, inputs):
-    return adapter.embed(params, inputs)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _block_grams(adapter, kind, groups, block, carry, mask):
-    """One batch through one expert block: (carry_out, [Σ_rows w·xᵀx per group])."""
-    out, caps = adapter.run_block(kind, block, carry)
-    grams = []
-    for group in groups:
-        if group[0] not in caps:
-            raise ValueError(f"run_block captured no input for '{group[0]}' (captured: {sorted(caps)})")
-        x, w = _rows_weight(caps[group[0]], mask)
-        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        wr = w.reshape(-1).astype(jnp.float32)
-        grams.append(jnp.matmul((rows * wr[:, None]).T, rows, precision=_HI))
+    """A task's batches ``(n_batches, batch, ...)`` through one expert block, in one scan:
+    ``(carry out, [Σ_rows w·xᵀx per group])``."""
+    def one(grams, cm):
+        c, m = cm
+        out, caps = adapter.run_block(kind, block, c)
+        new = []
+        for group, g in zip(groups, grams):
+            if group[0] not in caps:
+                raise ValueError(f"run_block captured no input for '{group[0]}' (captured: {sorted(caps)})")
+            x, w = _rows_weight(caps[group[0]], m)
+            rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            wr = w.reshape(-1).astype(jnp.float32)
+            new.append(g + jnp.matmul((rows * wr[:, None]).T, rows, precision=_HI))
+        return new, out
+
+    d_ins = [get_path(block, _key_path(group[0])).shape[0] for group in groups]
+    grams, out = jax.lax.scan(one, [jnp.zeros((d, d), jnp.float32) for d in d_ins], (carry, mask))
     return out, grams
 
 
@@ -142,7 +144,9 @@ def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, da
     outs = {a: start for a in alphas}
     stats: list[dict[str, Any]] = []
     batches = [_batches(x, batch_size, f"task_inputs[{t}]", sharding) for t, x in enumerate(task_inputs)]
-    carries = [[_embed(adapter, experts[t], b) for b, _ in tb] for t, tb in enumerate(batches)]
+    carries = [_embed_all(adapter, experts[t], b) for t, (b, _) in enumerate(batches)]
+    masks = [m for _, m in batches]
+    del batches
     blocks = list(adapter.block_paths(base))
     bar = range(len(blocks))
     if progress:
@@ -156,10 +160,7 @@ def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, da
         acc: dict[str, tuple] = {}
         for t in range(T):
             eblock = get_path(experts[t], bpath)
-            task_grams = None
-            for i, (_, mask) in enumerate(batches[t]):
-                carries[t][i], grams = _block_grams(adapter, kind, groups, eblock, carries[t][i], mask)
-                task_grams = grams if task_grams is None else [a + b for a, b in zip(task_grams, grams)]
+            carries[t], task_grams = _block_grams(adapter, kind, groups, eblock, carries[t], masks[t])
             for group, g in zip(groups, task_grams):
                 for rel in group:
                     w_t = get_path(eblock, _key_path(rel))

@@ -1,18 +1,28 @@
 """The anchored least-squares solve W* = H⁻¹B and the rounders that turn (W*, H) into codes.
 
-Damping is GPTQ's policy, through GPTQ's own factorisation (``epmq_jax.quant._gptq``,
-METHOD.md §5): a dead input (diag H = 0) gets H_ii = 1, then δ·mean(diag H) is added to the
-diagonal (δ = ``damp``), and δ is raised tenfold while the Cholesky factorisation fails; the
-δ actually used is reported. In the solve the damping is
-centred on the merged kernel: we solve (H + δμI)W = B + δμW_m (μ = mean diag H), i.e. δ acts
-as a tiny weight anchor toward W_m rather than a pull toward 0. Hence W* = W_m exactly when
-B = HW_m (GPTQ's objective, or a single expert equal to the merge), whatever δ; a dead input
-keeps its W_m row; and with δ = 0 on a positive-definite H the solve is the exact H⁻¹B.
+**Dead inputs** (diag H = 0: the input is zero on every calibration row) keep their merged row:
+the solve sets H_ii = μ (μ = mean of the live diagonal) and B_i = μ·W_m,i, so W*_i = W_m,i, and
+the rounder sees the same fixed H, so the rounded row is that row of W_m rounded on its own (an
+all-zero input therefore returns the merge's rows, rounded). The ``gptq`` objective (GPTQ on the
+merge) keeps the reference's policy instead: a dead row is zeroed (:func:`epmq_jax.quant.gptq`).
+
+**Damping** is a second anchor, separate from the objective's λ: its size δ (``damp``) and its
+centre (``damp_center``) are options. δμ is added to the live diagonal (μ as above); with centre
+``merged`` the right-hand side gets δμ·W_m, so we solve (H + δμI)W = B + δμW_m: a tiny weight
+anchor toward the merge (W* = W_m exactly when B = HW_m, whatever δ); with centre ``zero`` the
+plain ridge (H + δμI)W = B of GPTQ. While the Cholesky factorisation fails (H indefinite in
+float32), δ is raised tenfold (at least to 0.001), up to 8 times, as :func:`epmq_jax.quant.gptq`
+does; the δ actually used is reported. With δ = 0 on a positive-definite H the solve is exactly
+H⁻¹B (the unanchored solve when λ = 0 too).
 
 Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``) or
-``none`` (W* itself, float). ``awq`` is a rounding of the driver but not of one layer: its
+``none`` (W* itself, float). Every rounder returns the kernel in W_m's dtype (float32 inside). ``awq`` is a rounding of the driver but not of one layer: its
 scales are shared by the layers reading one input and folded into the op before them, so it
 works on whole blocks (:mod:`epmq_jax.calib.awq`).
+
+:func:`solve_layer` runs objective → solve → rounder → report for one layer as one compiled
+program; :func:`layer_step` is the same without any host round trip (the driver fetches a whole
+block's statistics at once and hands them to :func:`finish_stats`).
 """
 
 from __future__ import annotations
@@ -20,52 +30,124 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
+from epmq_jax.calib.objectives import Objective, system_and_merged, value_from_product
 from epmq_jax.calib.stats import Moments
-from epmq_jax.quant._gptq import damped_inverse_factor
 
 Rounding = Literal["gptq", "rtn", "awq", "none"]
 ROUNDINGS = ("gptq", "rtn", "awq", "none")
+DampCenter = Literal["merged", "zero"]
+DAMP_CENTERS = ("merged", "zero")
 _HI = jax.lax.Precision.HIGHEST
+_MAX_DAMP_RETRIES = 8      # δ → max(10δ, 1e-3), as quant.gptq
+_WARN_DAMP_FACTOR = 10.0   # damping raised beyond this factor is reported in words
 
 
-def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Dead inputs (diag H = 0): H_ii = 1 and B_i = center_i, so W*_i = center_i."""
-    dead = jnp.diag(h) == 0
-    h = h + jnp.diag(dead.astype(h.dtype))
-    b = jnp.where(dead[:, None], center, b)
-    return h, b
+def check_damping(damp: Any, damp_center: Any, *, name: str = "damp") -> None:
+    """Raises ValueError unless ``damp`` is a finite number >= 0 and the centre is known."""
+    try:
+        ok = bool(np.isfinite(float(damp))) and float(damp) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number >= 0, got {damp!r}")
+    if damp_center not in DAMP_CENTERS:
+        raise ValueError(f"damp_center must be one of {DAMP_CENTERS}, got {damp_center!r}")
 
 
-@jax.jit
-def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01) -> tuple[jax.Array, dict]:
-    """W* = H⁻¹B by Cholesky, damped toward ``center`` (see the module docstring).
+def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array):
+    """Dead inputs (diag H = 0): H_ii = μ and B_i = μ·center_i, so W*_i = center_i.
 
-    Args:
-      h: ``(d_in, d_in)``, symmetric positive semi-definite.
-      b: ``(d_in, d_out)``; may be sharded over its columns (output channels): every column
-        is an independent solve and the result keeps that sharding.
-      center: ``(d_in, d_out)``, the kernel the damping pulls toward (W_m).
-      damp: δ.
-
-    Returns:
-      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag U / min diag U)²
-      for the triangular factor U of the damped H⁻¹ (a cheap lower bound on its κ₂), "ok": bool}``.
+    Returns ``(h, b, live (d_in,) bool, μ)`` with μ the mean of the live diagonal (1 if none).
     """
+    d = jnp.diag(h)
+    live = d != 0
+    n_live = jnp.sum(live)
+    mu = jnp.where(n_live > 0, jnp.sum(jnp.where(live, d, 0.0)) / jnp.maximum(n_live, 1), 1.0)
+    dead = (~live).astype(h.dtype)
+    h = h + jnp.diag(dead * mu)
+    b = jnp.where(live[:, None], b, mu * center)
+    return h, b, live, mu
+
+
+def _damped_cholesky(h: jax.Array, damp: jax.Array, ridge: jax.Array):
+    """Lower Cholesky factor of ``h + δ·diag(ridge)``, raising δ while the factorisation fails.
+
+    Returns ``(L, δ used, ok)``; ``ok`` is False when even the largest δ tried fails. The first
+    attempt runs outside the retry loop (the common case pays one factorisation, nothing more).
+    """
+    idx = jnp.arange(h.shape[0])
+
+    def attempt(d):
+        l = jnp.linalg.cholesky(h.at[idx, idx].add(d * ridge))
+        return l, jnp.all(jnp.isfinite(jnp.diag(l)))       # a failed factorisation is all NaN
+
+    def retry(state):
+        d, _, _, k = state
+        d = jnp.maximum(10.0 * d, 1e-3).astype(d.dtype)
+        return (d, *attempt(d), k + 1)
+
+    l, ok = attempt(damp)
+    used, l, ok, _ = jax.lax.while_loop(lambda s: ~s[2] & (s[3] < _MAX_DAMP_RETRIES), retry,
+                                        (damp, l, ok, 0))
+    return l, used, ok
+
+
+def _solve(h, b, center, damp, damp_center: str, columns=None):
+    """The damped solve; returns ``(W*, H·W*, H with dead inputs fixed, info)`` (H·W* for the
+    undamped H, without a matmul)."""
     h = h.astype(jnp.float32)
     b = b.astype(jnp.float32)
     center = center.astype(jnp.float32)
-    h, b = _fix_dead(h, b, center)
-    u, d, ok = damped_inverse_factor(h, jnp.asarray(damp, jnp.float32))   # UᵀU = (H + dμI)⁻¹
-    mu = jnp.mean(jnp.diag(h))
-    w = jnp.matmul(u.T, jnp.matmul(u, b + d * mu * center, precision=_HI), precision=_HI)
-    du = jnp.diag(u)
-    return w, {"damp": d, "cond": (jnp.max(du) / jnp.min(du)) ** 2, "ok": ok}
+    hf, bf, live, mu = _fix_dead(h, b, center)
+    ridge = jnp.where(live, mu, 0.0)
+    l, d, ok = _damped_cholesky(hf, jnp.asarray(damp, jnp.float32), ridge)
+    reg = (d * ridge)[:, None]
+    rhs = bf + reg * center if damp_center == "merged" else bf
+
+    def cho(l, rhs):
+        return jax.scipy.linalg.cho_solve((l, True), rhs)
+
+    if columns is not None:     # (mesh, axis): every device solves its own output channels
+        mesh, axis = columns
+        cho = jax.shard_map(cho, mesh=mesh, in_specs=(P(), P(None, axis)), out_specs=P(None, axis))
+    w = cho(l, rhs)
+    # (H_fix + reg) W = rhs  =>  H W = rhs − reg·W − μ·dead·W   (dead rows of H are zero)
+    hw = rhs - reg * w - jnp.where(live, 0.0, mu)[:, None] * w
+    dl = jnp.diag(l)
+    info = {"damp": d, "cond": (jnp.max(dl) / jnp.min(dl)) ** 2, "ok": ok,
+            "n_dead": jnp.sum(~live).astype(jnp.int32)}
+    return w, hw, hf, info
+
+
+@functools.partial(jax.jit, static_argnames="damp_center")
+def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01, *,
+          damp_center: DampCenter = "merged") -> tuple[jax.Array, dict]:
+    """W* = H⁻¹B by Cholesky, damped (see the module docstring).
+
+    Args:
+      h: ``(d_in, d_in)``, symmetric positive semi-definite.
+      b: ``(d_in, d_out)``.
+      center: ``(d_in, d_out)``, the kernel dead inputs keep and (centre ``merged``) the damping
+        pulls toward (W_m).
+      damp: δ, relative to the mean live diagonal of H.
+      damp_center: ``merged`` or ``zero``.
+
+    Returns:
+      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag L / min diag L)² for
+      the Cholesky factor L of the damped H (a cheap lower bound on its κ₂), "ok": bool,
+      "n_dead": number of dead inputs}``.
+    """
+    w, _, _, info = _solve(h, b, center, damp, damp_center)
+    return w, info
 
 
 def _check_layer_rounding(rounding: str) -> None:
@@ -83,8 +165,8 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
 
     Args:
       w_star: ``(d_in, d_out)`` float kernel.
-      h: ``(d_in, d_in)`` Hessian of the objective (used by ``gptq``).
-      spec: :class:`epmq_jax.quant.QuantSpec`.
+      h: ``(d_in, d_in)`` Hessian of the objective (used by ``gptq`` and ``awq``).
+      spec: :class:`epmq_jax.quant.QuantSpec` (unused for ``none``).
       rounding: ``gptq``, ``rtn`` or ``none``.
       damp: GPTQ damping δ.
       **options: keyword options of :func:`epmq_jax.quant.gptq` (``block_size``, ``act_order``,
@@ -92,7 +174,7 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
 
     Returns:
       ``(q, info)``: a :class:`epmq_jax.quant.QuantizedWeight` (the float array for ``none``)
-      and a dict, ``{"gptq_damp": δ GPTQ used}`` for ``gptq``, else empty.
+      and a dict, ``{"gptq_damp": δ GPTQ used, "gptq_ok": factorable}`` for ``gptq``, else empty.
 
     Raises:
       ValueError: ``rounding="awq"`` (block-level: :func:`epmq_jax.calib.awq.calibrate_block`)
@@ -103,10 +185,20 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
     _check_layer_rounding(rounding)
     if rounding == "none":
         return w_star, {}
+    check_spec(spec, rounding)
     if rounding == "rtn":
         return quant.rtn(w_star, spec), {}
     q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **options)
-    return q, {"gptq_damp": info.damp_used}
+    return q, {"gptq_damp": info.damp_used, "gptq_ok": info.cholesky_ok}
+
+
+def check_spec(spec, rounding: str) -> None:
+    """Raises ValueError unless ``spec`` is a QuantSpec (any value will do for ``none``)."""
+    from epmq_jax.quant import QuantSpec
+
+    if rounding != "none" and not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec: rounding={rounding!r} needs an epmq_jax.quant.QuantSpec, got "
+                         f"{type(spec).__name__}")
 
 
 def effective_kernel(q) -> jax.Array:
@@ -114,70 +206,162 @@ def effective_kernel(q) -> jax.Array:
     return q.dequantize() if hasattr(q, "dequantize") else q
 
 
+def _in_dtype(q, dtype):
+    """The rounded weight ``q`` (computed in float32) in the kernel's own dtype."""
+    if hasattr(q, "dequantize"):
+        return dataclasses.replace(q, dtype=np.dtype(dtype).name)
+    return q.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "damp_center", "columns"))
+def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center: str, columns):
+    """System and solve: ``(W*, H, H for the rounder, HW* − B or None, L(W_m), L(W*), info)``.
+
+    The rounder's H has the dead inputs fixed as in the solve, so a dead row is W_m's, rounded.
+    """
+    w_m = w_merged.astype(jnp.float32)
+    if objective.kind == "gptq":   # B = H W_m: W* = W_m, L(W_m) = L(W*) = 0, no solve
+        zero = jnp.zeros((), jnp.float32)
+        info = {"damp": jnp.float32(jnp.nan), "cond": jnp.float32(jnp.nan), "ok": jnp.array(True),
+                "n_dead": jnp.sum(jnp.diag(m.h) == 0).astype(jnp.int32)}
+        return w_m, m.h, m.h, None, zero, zero, info
+    system, hwm = system_and_merged(objective, m, w_m, lam)
+    w_star, hw_star, h_round, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
+    return (w_star, system.h, h_round, hw_star - system.b, value_from_product(system, w_m, hwm),
+            value_from_product(system, w_star, hw_star), info)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "rounding", "options", "dtype"))
+def _round(w_star, h_round, damp, *, spec, rounding: str, options: tuple, dtype: str):
+    """The rounder, compiled once per (shape, spec, rounder) whatever the objective."""
+    q, info = round_weight(w_star, h_round, spec, rounding, damp=damp, **dict(options))
+    q = _in_dtype(q, dtype)
+    return q, effective_kernel(q), info
+
+
 @jax.jit
-def _report(system: System, w_merged: jax.Array, w_star: jax.Array, q: jax.Array) -> dict:
-    wm = w_merged.astype(jnp.float32)
-    return {
-        "rel_dist": jnp.linalg.norm(w_star - wm) / jnp.maximum(jnp.linalg.norm(wm), 1e-30),
-        "obj_merged": objective_value(system, wm),
-        "obj_relaxed": objective_value(system, w_star),
-        "obj_rounded": objective_value(system, q),
-    }
+def _report(h, w_merged, w_star, eff, resid, obj_relaxed):
+    """rel_dist and L(Q) = L(W*) + tr(ΔᵀHΔ) + 2tr(Δᵀ(HW* − B)), Δ = Q − W*: one matmul."""
+    w_m = w_merged.astype(jnp.float32)
+    delta = eff.astype(jnp.float32) - w_star
+    obj = obj_relaxed + jnp.sum(delta * jnp.matmul(h, delta, precision=_HI))
+    if resid is not None:
+        obj = obj + 2.0 * jnp.sum(delta * resid)
+    return {"rel_dist": jnp.linalg.norm(w_star - w_m) / jnp.maximum(jnp.linalg.norm(w_m), 1e-30),
+            "obj_rounded": obj}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _system_jit(objective: Objective, lam: jax.Array, m: Moments, w_merged: jax.Array) -> System:
-    """layer_system with λ traced, so a λ sweep compiles once."""
-    return layer_system(objective, m, w_merged, lam=lam)
+def layer_step(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
+               rounding: Rounding = "gptq", damp: float = 0.01, damp_center: DampCenter = "merged",
+               gptq_damp: float | None = None, columns: tuple | None = None,
+               **options: Any) -> tuple[Any, jax.Array, dict]:
+    """Objective → (W*, H) → rounder → report for one layer, without any host round trip.
+
+    Arguments as :func:`solve_layer`; ``columns`` = ``(mesh, axis)`` solves each device's output
+    channels where it lies (``B`` and W_m split over ``axis``).
+
+    Returns:
+      ``(q, effective kernel in W_m's dtype, {name: device scalar})``: pass the (fetched)
+      statistics to :func:`finish_stats`.
+    """
+    w_star, h, h_round, resid, obj_merged, obj_relaxed, info = _relax(
+        jnp.float32(objective.lam), m, w_merged, jnp.float32(damp),
+        objective=dataclasses.replace(objective, lam=0.0), damp_center=damp_center, columns=columns)
+    q, eff, rinfo = _round(w_star, h_round, jnp.float32(damp if gptq_damp is None else gptq_damp),
+                           spec=spec, rounding=rounding,
+                           options=tuple(sorted(options.items())), dtype=np.dtype(w_merged.dtype).name)
+    stats = {**_report(h, w_merged, w_star, eff, resid, obj_relaxed), "obj_merged": obj_merged,
+             "obj_relaxed": obj_relaxed, **info, **rinfo}
+    return q, eff, stats
+
+
+def finish_stats(raw: Mapping[str, Any], *, path: str, shape: tuple, objective: Objective,
+                 rounding: str, damp: float, damp_center: str,
+                 gptq_damp: float | None = None) -> dict:
+    """Host side of :func:`layer_step`: checks the flags and makes the JSON-able statistics.
+
+    Raises:
+      ValueError: H not positive definite even after raising the damping (solve or GPTQ).
+
+    Warns:
+      UserWarning: the damping had to be raised more than tenfold (H indefinite).
+    """
+    gptq_damp = damp if gptq_damp is None else gptq_damp
+    solved = objective.kind != "gptq"
+    if not bool(raw["ok"]) or not bool(raw.get("gptq_ok", True)):
+        which, used = (("solve", raw["damp"]) if not bool(raw["ok"]) else ("GPTQ", raw["gptq_damp"]))
+        raise ValueError(f"{path}: the {which}'s H {shape} is not positive definite even with "
+                         f"damping {float(used):.3g} x mean diag H (non-finite or indefinite "
+                         "statistics?)")
+    out = {"path": path, "rounding": rounding, "damp_center": damp_center if solved else None,
+           "damp_requested": damp if solved else None}
+    for k, v in raw.items():
+        if k in ("ok", "gptq_ok"):
+            continue
+        out[k] = int(v) if k == "n_dead" else float(str(np.float32(v)))   # shortest repr: 0.01
+    if not solved:
+        out["damp"] = out["cond"] = None
+    raised = []
+    if solved and out["damp"] > _WARN_DAMP_FACTOR * max(damp, 1e-4):
+        raised.append(("the solve's", damp, out["damp"]))
+    if "gptq_damp" in out and out["gptq_damp"] > _WARN_DAMP_FACTOR * max(gptq_damp, 1e-4):
+        raised.append(("GPTQ's", gptq_damp, out["gptq_damp"]))
+    out["damp_raised"] = bool(raised)
+    for who, asked, used in raised:
+        warnings.warn(f"{path}: H is not positive definite in float32; {who} damping was raised "
+                      f"from {asked:.3g} to {used:.3g} x mean diag H (indefinite or rank-deficient "
+                      "statistics: more calibration data, or a larger damp, would help)",
+                      stacklevel=3)
+    return out
 
 
 def solve_layer(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
-                rounding: Rounding = "gptq", damp: float = 0.01, path: str = "",
-                **options: Any) -> tuple[Any, dict]:
+                rounding: Rounding = "gptq", damp: float = 0.01, damp_center: DampCenter = "merged",
+                gptq_damp: float | None = None, path: str = "", **options: Any) -> tuple[Any, dict]:
     """Objective → (W*, H) → rounder, for one layer, with its solver statistics.
 
     Args:
       objective: the layer objective.
       m: the layer's ω-weighted :class:`~epmq_jax.calib.stats.Moments`.
-      w_merged: merged kernel W_m ``(d_in, d_out)``.
+      w_merged: merged kernel W_m ``(d_in, d_out)``; its dtype is the result's.
       spec: quantization spec (unused for ``rounding="none"``).
       rounding: ``gptq``, ``rtn`` or ``none`` (``awq`` raises: it is block-level).
-      damp: δ of both the solve and GPTQ.
+      damp: the solve's damping size δ (relative to the mean live diagonal of H); 0 = none
+        unless H is not positive definite.
+      damp_center: ``merged`` (pull toward W_m) or ``zero`` (plain ridge).
+      gptq_damp: GPTQ rounding's δ (default: ``damp``).
       path: the layer's leaf path, for messages and the statistics.
       **options: passed to the rounder (see :func:`round_weight`).
 
     Returns:
-      ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*) and a JSON-able dict
-      ``{path, rel_dist, cond, damp, obj_merged, obj_relaxed, obj_rounded, rounding, time_s}``
-      (+ ``gptq_damp`` for GPTQ rounding); ``cond`` is None for the
-      ``gptq`` objective, whose W* = W_m needs no solve;
-      objective values are L(W_m), L(W*) and L(Q) of the undamped objective.
+      ``(q, stats)``: the rounded weight (``QuantizedWeight`` or float W*, in W_m's dtype) and a
+      JSON-able dict ``{path, rel_dist, cond, damp, damp_requested, damp_center, damp_raised,
+      n_dead, obj_merged, obj_relaxed, obj_rounded, rounding, time_s}`` (+ ``gptq_damp`` for
+      GPTQ rounding): ``damp`` is the δ the solve used; ``cond``, ``damp``,
+      ``damp_requested`` and ``damp_center`` are None for the ``gptq`` objective, whose
+      W* = W_m needs no solve; objective values are L(W_m), L(W*) and L(Q) of the undamped
+      objective.
 
     Raises:
-      ValueError: shapes disagree, or H is not positive definite even after damping.
+      ValueError: shapes disagree, a bad switch, or H is not positive definite even after damping.
     """
     _check_layer_rounding(rounding)
+    check_spec(spec, rounding)
+    check_damping(damp, damp_center)
+    if gptq_damp is not None:
+        check_damping(gptq_damp, damp_center, name="gptq_damp")
     d_in, d_out = w_merged.shape
     if m.h.shape != (d_in, d_in):
         raise ValueError(f"{path}: H has shape {m.h.shape}, expected {(d_in, d_in)} for a kernel "
                          f"of shape {(d_in, d_out)}")
-    if m.b is not None and objective.needs_targets and m.b.shape != (d_in, d_out):
-        raise ValueError(f"{path}: B has shape {m.b.shape}, expected {(d_in, d_out)}")
+    if objective.needs_targets and (m.b is None or m.b.shape != (d_in, d_out)):
+        raise ValueError(f"{path}: B has shape {None if m.b is None else m.b.shape}, expected "
+                         f"{(d_in, d_out)}")
     t0 = time.perf_counter()
-    system = _system_jit(dataclasses.replace(objective, lam=0.0), jnp.float32(objective.lam), m,
-                         w_merged)
-    if objective.kind == "gptq":   # B = H W_m: the solve is the identity
-        w_star, info = w_merged.astype(jnp.float32), {"damp": damp, "cond": None, "ok": True}
-    else:
-        w_star, info = solve(system.h, system.b, w_merged, damp)
-    if not bool(info["ok"]):
-        raise ValueError(f"{path}: H {system.h.shape} is not positive definite even with damping "
-                         f"{float(info['damp']):.3g} (non-finite statistics?)")
-    q, rinfo = round_weight(w_star, system.h, spec, rounding, damp=damp, **options)
-    rep = jax.device_get({**_report(system, w_merged, w_star, effective_kernel(q)), **rinfo})
-    stats = {"path": path, **{k: float(v) for k, v in rep.items()},
-             "cond": None if info["cond"] is None else float(info["cond"]),
-             "damp": float(info["damp"]), "rounding": rounding}
+    q, _, raw = layer_step(objective, m, w_merged, spec, rounding=rounding, damp=damp,
+                           damp_center=damp_center, gptq_damp=gptq_damp, **options)
+    stats = finish_stats(jax.device_get(raw), path=path, shape=(d_in, d_in), objective=objective,
+                         rounding=rounding, damp=damp, damp_center=damp_center, gptq_damp=gptq_damp)
     jax.block_until_ready(q)
     stats["time_s"] = time.perf_counter() - t0
     return q, stats

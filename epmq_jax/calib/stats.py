@@ -70,17 +70,18 @@ def moments(x: jax.Array, y: jax.Array | None = None, weight: jax.Array | None =
       :class:`Moments` of the batch (``b`` is None when ``y`` is None).
     """
     rows, w = flatten_rows(x, weight)
-    xw = rows * w[:, None]
-    h = jnp.matmul(xw.T, rows, precision=_HI)
-    if y is None:
-        b, yy = None, jnp.zeros((), jnp.float32)
-    else:
-        if y.shape[:-1] != x.shape[:-1]:
-            raise ValueError(f"targets y {y.shape} and inputs x {x.shape} must share leading axes")
-        yr = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
-        b = jnp.matmul(xw.T, yr, precision=_HI)
-        yy = jnp.sum(w * jnp.sum(yr * yr, axis=1))
+    h = jnp.matmul((rows * w[:, None]).T, rows, precision=_HI)
+    b, yy = (None, jnp.zeros((), jnp.float32)) if y is None else cross_moments(x, y, weight)
     return Moments(h, b, yy, jnp.sum(w), jnp.matmul(w, jnp.abs(rows), precision=_HI))
+
+
+def cross_moments(x: jax.Array, y: jax.Array, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(Σ w_i x_iᵀy_i (d_in, d_out), Σ w_i ‖y_i‖²)`` of one batch (shapes as :func:`moments`)."""
+    if y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"targets y {y.shape} and inputs x {x.shape} must share leading axes")
+    rows, w = flatten_rows(x, weight)
+    yr = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
+    return jnp.matmul((rows * w[:, None]).T, yr, precision=_HI), jnp.sum(w * jnp.sum(yr * yr, axis=1))
 
 
 def add(a: Moments | None, b: Moments) -> Moments:

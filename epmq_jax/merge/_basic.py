@@ -17,6 +17,7 @@ from epmq_jax._tree import PathFilter
 from epmq_jax.merge._validate import (
     FlatInputs,
     check_expert_list,
+    check_number,
     compute_dtype,
     flatten_inputs,
 )
@@ -26,7 +27,12 @@ Scaling = float | Sequence[float] | jax.Array
 
 
 def per_expert_scaling(scaling: Scaling, n_experts: int) -> jax.Array:
-    """Returns one scaling factor per expert, ``(T,)``, from a scalar or a length-T sequence."""
+    """Returns one scaling factor per expert, ``(T,)``, from a scalar or a length-T sequence.
+
+    Raises:
+      ValueError: a NaN or infinite factor, or a sequence of the wrong length.
+    """
+    check_number("scaling", scaling)
     if isinstance(scaling, Sequence) or (hasattr(scaling, "ndim") and scaling.ndim == 1):
         if len(scaling) != n_experts:
             raise ValueError(f"scaling has {len(scaling)} entries, expected one per expert "
@@ -113,8 +119,9 @@ def task_arithmetic(base: PyTree, experts: Sequence[PyTree], *, scaling: Scaling
 
     Raises:
       ValueError: no experts; an expert's structure, shape or dtype differs from ``base`` (the
-        first offending leaf path and both values are named); NaN or inf in an input; a
-        per-expert ``scaling`` of the wrong length.
+        first offending leaf path and both values are named); NaN or inf in an input; a NaN or
+        infinite ``scaling`` or a per-expert one of the wrong length; a ``filter`` that
+        selects no floating-point leaf.
     """
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)

@@ -27,7 +27,7 @@ from epmq_jax.merge._basic import (
     weighted_sum,
 )
 from epmq_jax.merge._ties import check_ties_args, ties_deltas
-from epmq_jax.merge._validate import check_expert_list, flatten_inputs
+from epmq_jax.merge._validate import check_expert_list, check_number, flatten_inputs
 
 
 @functools.partial(jax.jit, static_argnames="rescale")
@@ -85,6 +85,7 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
       ValueError: bad inputs as in ``task_arithmetic``; ``drop`` outside [0, 1); unknown
         ``merge``; TIES settings given with ``merge="task_arithmetic"``, or invalid ones.
     """
+    check_number("drop", drop)
     if not 0.0 <= float(drop) < 1.0:
         raise ValueError(f"drop is a probability in [0, 1), got {drop}.")
     ties_kw: dict[str, Any] = {}
@@ -106,11 +107,10 @@ def dare(base: PyTree, experts: Sequence[PyTree], *, key: jax.Array, drop: float
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)
     bases, leaves = selected_leaves(flat)
-    if not bases:
-        return flat.unflatten([])
     if merge == "ties":
         if not isinstance(scaling, (int, float)) and getattr(scaling, "ndim", 0) != 0:
             raise ValueError("merge='ties' takes one scalar scaling, not one per expert.")
+        check_number("scaling", scaling)
         lam = jnp.asarray(scaling, jnp.float32)
     else:
         lam = per_expert_scaling(scaling, len(experts))

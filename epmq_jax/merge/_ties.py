@@ -31,7 +31,7 @@ import numpy as np
 
 from epmq_jax._tree import PathFilter
 from epmq_jax.merge._basic import PyTree, add_deltas, selected_leaves, task_vectors
-from epmq_jax.merge._validate import check_expert_list, flatten_inputs
+from epmq_jax.merge._validate import check_expert_list, check_number, flatten_inputs
 
 Trim = Literal["global", "per_tensor"]
 MergeFunc = Literal["mean", "sum", "max"]
@@ -195,15 +195,14 @@ def ties_merging(base: PyTree, experts: Sequence[PyTree], *, scaling: float = 0.
       The merged tree, with ``base``'s structure and dtypes.
 
     Raises:
-      ValueError: bad inputs as in :func:`task_arithmetic`; density outside (0, 1]; unknown
-        ``trim`` or ``merge_func``.
+      ValueError: bad inputs as in :func:`task_arithmetic`; density outside (0, 1]; a NaN or
+        infinite ``scaling``; unknown ``trim`` or ``merge_func``.
     """
     check_ties_args(density, trim, merge_func)
+    check_number("scaling", scaling)
     check_expert_list(experts)
     flat = flatten_inputs(base, experts, filter=filter, validate=validate)
     bases, leaves = selected_leaves(flat)
-    if not bases:
-        return flat.unflatten([])
     return flat.unflatten(_ties_merge(bases, leaves, scaling, density=float(density), trim=trim,
                                       merge_func=merge_func))
 

@@ -136,7 +136,7 @@ def flatten_inputs(ref: Any, experts: Sequence[Any], *, filter: PathFilter = Non
     Raises:
       ValueError: an expert lacks a leaf of ``ref`` or has an extra one (the first
         such path is named); a shape or dtype differs (path and both values named); a leaf
-        holds NaN or inf (path named).
+        holds NaN or inf (path named); the filter selects no floating-point leaf.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(ref)
     paths = [path_str(kp) for kp, _ in flat]
@@ -157,7 +157,29 @@ def flatten_inputs(ref: Any, experts: Sequence[Any], *, filter: PathFilter = Non
     keep = compile_filter(filter)
     selected = [keep(p) and jnp.issubdtype(_dtype(x), jnp.inexact)
                 for p, x in zip(paths, ref_leaves)]
+    if not any(selected):
+        if filter is None:
+            raise ValueError(f"{ref_name} has no floating-point leaf to merge.")
+        raise ValueError(f"filter {filter!r} selects no floating-point leaf of {ref_name} "
+                         f"(its paths look like {paths[:3]}); nothing would be merged.")
     return FlatInputs(treedef, paths, ref_leaves, expert_leaves, selected)
+
+
+def check_number(name: str, value: Any, *, low: float | None = None) -> None:
+    """Raises ValueError unless ``value`` (a number or an array of numbers) is finite (and >= ``low``).
+
+    Traced values (inside ``jax.jit``) cannot be inspected and are skipped.
+    """
+    if _is_tracer(value):
+        return
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    if low is not None and np.any(arr < low):
+        raise ValueError(f"{name} must be >= {low}, got {value!r}.")
 
 
 def compute_dtype(x: Any) -> np.dtype:

@@ -112,9 +112,9 @@ class Runner:
         if v.method == "fp":
             return m.params, None, m.scaling, dict(m.settings)
         resume = None if self.resume_root is None else str(self.resume_root / v.name)
-        params, stats = stages.calibrate_variant(self.ctx, self.mp, v, m.params, self.calib_inputs(), resume)
-        settings = {**m.settings, "damp": float(self.ctx.cfg.quant.damp)}
-        return params, stats, m.scaling, settings
+        params, stats, damping = stages.calibrate_variant(self.ctx, self.mp, v, m.params,
+                                                           self.calib_inputs(), resume)
+        return params, stats, m.scaling, {**m.settings, **damping}
 
     def row(self, v: Variant, params: Any, scaling: float | None, settings: Mapping[str, Any]) -> dict[str, Any]:
         results = stages.score(self.tp, self.ctx, params, self.tp.report_split)

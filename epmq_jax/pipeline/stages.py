@@ -221,19 +221,31 @@ def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]
     else:
         raise ValueError(f"variant {v.name}: method {v.method!r} is not calibrated")
     config = calib.CalibConfig(objective=objective, rounding=rounding, spec=quant_spec(cfg, bits),
-                               damp=float(cfg.quant.damp), batch_size=int(ccfg.batch_size))
+                               damp=float(cfg.quant.damp), damp_center=ccfg.get("damp_center", "merged"),
+                               batch_size=int(ccfg.batch_size))
     return config, objective.kind != "gptq"
 
 
+def damping_settings(config: Any) -> dict[str, Any]:
+    """What a row records of the damping: the solve's size and centre (E-PMQ) and GPTQ's size."""
+    solved = config.objective.kind != "gptq"
+    return {"damp": config.damp if solved else None,
+            "damp_center": config.damp_center if solved else None,
+            "gptq_damp": (config.damp if config.gptq_damp is None else config.gptq_damp)
+            if config.rounder == "gptq" else None}
+
+
 def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Params,
-                      calib_inputs: list[Any], resume_dir: str | None = None) -> tuple[Params, list[dict]]:
+                      calib_inputs: list[Any], resume_dir: str | None = None
+                      ) -> tuple[Params, list[dict], dict[str, Any]]:
     """Runs the sequential driver for one variant (:func:`calib_config`) from the float model ``start``.
 
     With ``resume_dir`` the driver checkpoints every block there and resumes from it.
 
     Returns:
-      ``(params, stats)``: ``start`` with every calibrated kernel replaced (``QuantizedWeight``,
-      or float for unrounded variants) and the per-layer solver statistics.
+      ``(params, stats, settings)``: ``start`` with every calibrated kernel replaced
+      (``QuantizedWeight``, or float for unrounded variants), the per-layer solver statistics and
+      the damping the row records (:func:`damping_settings`).
     """
     from epmq_jax import calib
 
@@ -244,4 +256,4 @@ def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Pa
                                  mesh=ctx.mesh, axis=ctx.axis,
                                  checkpoint_dir=resume_dir,
                                  progress=ctx.progress)
-    return result.params, result.stats
+    return result.params, result.stats, damping_settings(config)

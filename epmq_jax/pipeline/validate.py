@@ -118,6 +118,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     _need(_number(c.alpha) and 0 <= c.alpha <= 1, "calib.alpha", c.alpha, "a number in [0, 1]")
     _need(c.task_weights in _WEIGHTINGS, "calib.task_weights", c.task_weights, " or ".join(map(repr, _WEIGHTINGS)))
     _need(c.rounding in _ROUNDINGS, "calib.rounding", c.rounding, " or ".join(map(repr, _ROUNDINGS)))
+    _need(c.get("damp_center", "merged") in ("merged", "zero"), "calib.damp_center", c.get("damp_center"),
+          "'merged' (the solve's damping pulls toward the merge) or 'zero'")
     for key in ("n_per_task", "batch_size"):
         v = c[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"calib.{key}", v, "an integer >= 1")
