@@ -181,6 +181,11 @@ def get_path(tree: PyTree, path: Sequence) -> PyTree:
     return tree
 
 
+def key_path(rel: str) -> list:
+    """``"layers/3/mlp/fc1/kernel"`` -> ``["layers", 3, "mlp", "fc1", "kernel"]`` (digits are list indices)."""
+    return [int(p) if p.isdigit() else p for p in rel.split("/")]
+
+
 def set_path(tree: PyTree, path: Sequence, value: Any) -> PyTree:
     """A copy of a nested dict with ``tree[p0][p1]... = value`` (only the dicts on the path are copied)."""
     if not path:

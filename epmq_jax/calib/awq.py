@@ -43,7 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from epmq_jax._tree import iter_paths
-from epmq_jax.calib.adapter import AwqGroup, capture_rows, check_awq_groups, get_path, set_path
+from epmq_jax.calib.adapter import (
+    AwqGroup,
+    capture_rows,
+    check_awq_groups,
+    get_path,
+    key_path,
+    set_path,
+)
 from epmq_jax.quant import QuantSpec
 from epmq_jax.quant._awq import (
     awq_ratios,
@@ -61,20 +68,18 @@ _HI = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
 
-def _keys(rel: str) -> list:
-    return [int(p) if p.isdigit() else p for p in rel.split("/")]
 
 
 def _get(tree: PyTree, rel: str, where: str = "") -> Any:
     try:
-        return get_path(tree, _keys(rel))
+        return get_path(tree, key_path(rel))
     except (KeyError, IndexError, TypeError):
         raise ValueError(f"{where}: no parameter at '{rel}' in the block params") from None
 
 
 def _has(tree: PyTree, rel: str) -> bool:
     try:
-        get_path(tree, _keys(rel))
+        get_path(tree, key_path(rel))
         return True
     except (KeyError, IndexError, TypeError):
         return False
@@ -82,7 +87,7 @@ def _has(tree: PyTree, rel: str) -> bool:
 
 def _with(tree: PyTree, leaves: Mapping[str, Any]) -> PyTree:
     for rel, v in leaves.items():
-        tree = set_path(tree, _keys(rel), v)
+        tree = set_path(tree, key_path(rel), v)
     return tree
 
 

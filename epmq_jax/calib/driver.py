@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -53,7 +53,7 @@ from jax.sharding import PartitionSpec as P
 
 from epmq_jax.calib import awq
 from epmq_jax.calib import stats as st
-from epmq_jax.calib.adapter import CalibAdapter, get_path
+from epmq_jax.calib.adapter import CalibAdapter, get_path, key_path, set_path
 from epmq_jax.calib.objectives import Objective, target_input
 from epmq_jax.calib.solve import (
     ROUNDINGS,
@@ -175,28 +175,13 @@ class CalibResult:
 # ----------------------------------------------------------------------------- tree helpers
 
 
-def _set_path(tree: PyTree, path: Sequence, value: Any) -> PyTree:
-    """A copy of a nested dict with ``tree[p0][p1]... = value`` (only the dicts on the path are copied)."""
-    if not path:
-        return value
-    if not isinstance(tree, Mapping):
-        raise ValueError(f"cannot set key {path[0]!r}: expected a dict, got {type(tree).__name__}")
-    out = dict(tree)
-    out[path[0]] = _set_path(tree[path[0]], path[1:], value)
-    return out
-
-
-def _key_path(rel: str) -> list:
-    return [int(p) if p.isdigit() else p for p in rel.split("/")]
-
-
 def _full_path(block: tuple, rel: str) -> str:
     return "/".join(str(k) for k in block) + "/" + rel
 
 
 def _kernel(block_params: PyTree, rel: str, where: str) -> jax.Array:
     try:
-        w = get_path(block_params, _key_path(rel))
+        w = get_path(block_params, key_path(rel))
     except (KeyError, IndexError, TypeError):
         raise ValueError(f"{where}: no kernel at '{rel}' in the block params") from None
     if getattr(w, "ndim", None) != 2:
@@ -492,7 +477,7 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             if k < done:      # resumed: the calibrated kernels are known
                 for rel in group:
                     q = kernels[_full_path(bpath, rel)]
-                    block = _set_path(block, _key_path(rel), effective_kernel(q))
+                    block = set_path(block, key_path(rel), effective_kernel(q))
                 continue
             block, layers = _calibrate_group(
                 adapter, kind, group, block, merged_block, expert_blocks, q_carry,
@@ -512,7 +497,7 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             on_block(k)
     out_params = params
     for full, q in kernels.items():
-        out_params = _set_path(out_params, _key_path(full), q)
+        out_params = set_path(out_params, key_path(full), q)
     return CalibResult(out_params, stats)
 
 
@@ -554,7 +539,7 @@ def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibRe
         for gi, group in enumerate(adapter.linear_groups(adapter.block_kind(k))):
             for rel in group:
                 q = rtn(_kernel(get_path(params, bpath), rel, where), config.spec)
-                out = _set_path(out, [*bpath, *_key_path(rel)], q)
+                out = set_path(out, [*bpath, *key_path(rel)], q)
                 stats.append({"path": f"{where}/{rel}", "block": k, "group": gi, "rounding": "rtn"})
         jax.block_until_ready(out)
         for s in stats[first:]:
@@ -603,6 +588,6 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
                                  damp=config.damp, damp_center=config.damp_center,
                                  gptq_damp=config.gptq_damp, columns=cols,
                                  **config.rounder_options())
-        block = _set_path(block, _key_path(rel), eff)
+        block = set_path(block, key_path(rel), eff)
         results.append((rel, q, (w_m.shape[0],) * 2, raw, m.n, omegas))
     return block, results

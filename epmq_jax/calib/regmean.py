@@ -31,8 +31,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from epmq_jax._tree import PathFilter, compile_filter, map_with_path
-from epmq_jax.calib.adapter import CalibAdapter, get_path
-from epmq_jax.calib.driver import _batches, _embed_all, _key_path, _rows_weight, _set_path
+from epmq_jax.calib.adapter import CalibAdapter, get_path, key_path, set_path
+from epmq_jax.calib.driver import _batches, _embed_all, _rows_weight
 from epmq_jax.calib.solve import solve
 
 PyTree = Any
@@ -56,7 +56,7 @@ def _block_grams(adapter, kind, groups, block, carry, mask):
             new.append(g + jnp.matmul((rows * wr[:, None]).T, rows, precision=_HI))
         return new, out
 
-    d_ins = [get_path(block, _key_path(group[0])).shape[0] for group in groups]
+    d_ins = [get_path(block, key_path(group[0])).shape[0] for group in groups]
     grams, out = jax.lax.scan(one, [jnp.zeros((d, d), jnp.float32) for d in d_ins], (carry, mask))
     return out, grams
 
@@ -163,7 +163,7 @@ def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, da
             carries[t], task_grams = _block_grams(adapter, kind, groups, eblock, carries[t], masks[t])
             for group, g in zip(groups, task_grams):
                 for rel in group:
-                    w_t = get_path(eblock, _key_path(rel))
+                    w_t = get_path(eblock, key_path(rel))
                     s, sw, dw = acc.get(rel) or (jnp.zeros_like(g), jnp.zeros(w_t.shape, jnp.float32),
                                                  jnp.zeros(w_t.shape, jnp.float32))
                     acc[rel] = _accumulate(s, sw, dw, g, w_t)
@@ -171,7 +171,7 @@ def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, da
             full = f"{where}/{rel}"
             if not keep(full):
                 raise ValueError(f"merge filter excludes '{full}', a kernel RegMean merges; widen the filter")
-            keypath = [*bpath, *_key_path(rel)]
+            keypath = [*bpath, *key_path(rel)]
             center = get_path(start, keypath)
             for a in alphas:
                 w, info = _regmean_solve(s, sw, dw, center, jnp.float32(a), jnp.float32(damp))
@@ -181,7 +181,7 @@ def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, da
                                      f"{float(info['damp']):.3g} (non-finite activations?)")
                 rel_dist = jnp.linalg.norm(w - center.astype(jnp.float32)) / jnp.maximum(
                     jnp.linalg.norm(center.astype(jnp.float32)), 1e-30)
-                outs[a] = _set_path(outs[a], keypath, w.astype(center.dtype))
+                outs[a] = set_path(outs[a], keypath, w.astype(center.dtype))
                 stats.append({"path": full, "alpha": a, "damp": float(info["damp"]),
                               "rel_dist_to_average": float(rel_dist)})
     return outs, stats

@@ -156,14 +156,14 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
 
 def calibrated_kernels(adapter: Any, params: Any) -> list[tuple[str, tuple[int, ...]]]:
     """``[(leaf path, shape), ...]`` of every kernel the adapter calibrates, in order."""
-    from epmq_jax.calib.adapter import get_path
+    from epmq_jax.calib.adapter import get_path, key_path
 
     out = []
     for k, bpath in enumerate(adapter.block_paths(params)):
         block = get_path(params, bpath)
         for group in adapter.linear_groups(adapter.block_kind(k)):
             for rel in group:
-                leaf = get_path(block, [int(p) if p.isdigit() else p for p in rel.split("/")])
+                leaf = get_path(block, key_path(rel))
                 out.append(("/".join(str(p) for p in (*bpath, rel)), tuple(leaf.shape)))
     return out
 
