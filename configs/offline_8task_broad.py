@@ -57,10 +57,11 @@ seconds of the trial's process, on this 2-core machine shared with other jobs (l
   e1  d1 + prototype heads: head 66.9, experts 79.0, TA 69.0, TIES 68.8, RegMean 70.6.
   e2  d1, ft lr 1e-3 x 2 epochs (this config): head 77.9, experts 87.6 (the narrow experts'
       level), TA 80.2 (0.2), TIES 79.6 (0.4), RegMean 81.2 (alpha 1.0); interference -5.0.
-      Validation: TA 80.4, TIES 79.8, RegMean 80.9.
-  Chosen: e2, the trial whose experts reach the narrow experts' validation level with the best
-  validation merge (TA / RegMean); d1's merges are as close to its experts but its experts are
-  4.8 points weaker.
+  Chosen on validation: e2 has the best validation TA (80.4 at its best coefficient) and
+  RegMean (80.9 at its best alpha) of all trials; next d1 (79.5 / 79.5), then b7 (71.9 / 73.1).
+  Validation TA / RegMean of the others: b1 62.2 / 63.2, b2 48.7 / 50.0, b3 70.9 / 71.3,
+  b4 51.6 / 55.8, b5 71.3 / 71.9, b6 70.6 / 71.5, b8 67.9 / 67.8, c1 67.4 / 68.2,
+  c2 67.0 / 67.3, e1 70.0 / 71.2.
 
 What it shows (e2 against narrow): the broad encoder halves what merging costs (TA 7.4 points
 below the experts instead of 16.7) and lifts every merge by ~10 points; but it does not behave
@@ -69,9 +70,9 @@ the heads are probes, which on a broad encoder are already good (CLIP's zero-sho
 not: prototype heads, e1/b4, drop the head row to 47-67 but raise the interference, so TA stays
 2-3 points above them); and RegMean closes 1.0 of the 7.4 points between TA and the experts,
 where on CLIP ViT-B/32 it closes 14 of 22. The tasks are eight renderings of the same ten digits
-(six share the digit labels), so the experts change features every task reads: each task
-vector alone costs the other tasks 0.1-2 points at 0.5, and seven of them add up. On CLIP the
-eight tasks read mostly different features.
+(six share the digit labels), so the experts change features every task reads: in e2 each task
+vector alone at 0.5 adds 6-11 points to its own task and costs each other task 0.4-3.4 on
+average, and seven of them add up. On CLIP the eight tasks read mostly different features.
 """
 
 from pathlib import Path
