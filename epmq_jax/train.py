@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -124,7 +124,11 @@ def _features(graphdef: nnx.GraphDef, params: Params, images: jax.Array) -> jax.
 
 # The losses: ``loss(graphdef, logit_scale, trainable, const, x, y)``; ``const`` is not trained.
 def _pretrain_loss(graphdef, logit_scale, p, const, xb, yb):
-    return _xent(head_logits(_features(graphdef, p["encoder"], xb), p["head"], logit_scale), yb)
+    # yb (b,): one head; yb (b, L): L label columns, one head each, their losses summed
+    f = _features(graphdef, p["encoder"], xb)
+    if yb.ndim == 1:
+        return _xent(head_logits(f, p["head"], logit_scale), yb)
+    return sum(_xent(head_logits(f, h, logit_scale), yb[:, i]) for i, h in enumerate(p["head"]))
 
 
 def _head_loss(graphdef, logit_scale, head, const, fb, yb):
@@ -133,6 +137,14 @@ def _head_loss(graphdef, logit_scale, head, const, fb, yb):
 
 def _finetune_loss(graphdef, logit_scale, p, head, xb, yb):
     return _xent(head_logits(_features(graphdef, p, xb), head, logit_scale), yb)
+
+
+def _multitask_loss(graphdef, logit_scale, p, heads, xb, yb):
+    # xb (T, b, H, W, C), yb (T, b): one forward pass, then each task's slice through its own head
+    t, b = yb.shape
+    feats = _features(graphdef, p, xb.reshape(t * b, *xb.shape[2:])).reshape(t, b, -1)
+    return jnp.mean(jnp.stack([_xent(head_logits(feats[i], heads[i], logit_scale), yb[i])
+                               for i in range(t)]))
 
 
 @functools.lru_cache(maxsize=32)
@@ -154,53 +166,78 @@ def _train_step(loss: Callable, graphdef: nnx.GraphDef | None, logit_scale: floa
     return opt, step
 
 
-def _fit(loss: Callable, graphdef: nnx.GraphDef | None, logit_scale: float, params: Any,
-         const: Any, x: np.ndarray, y: np.ndarray, cfg: Any, *, batch_size: int, seed: int,
-         desc: str) -> Any:
-    """Minimises ``loss(graphdef, logit_scale, params, const, x_batch, y_batch)`` over
-    ``params`` with AdamW on shuffled minibatches (``const`` stays fixed).
+def _epochs(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index batches of ``batch_size`` from ``range(n)``, reshuffled every epoch (a ragged tail
+    is dropped so every batch has one shape)."""
+    while True:
+        order = rng.permutation(n)
+        for pos in range(0, n - batch_size + 1, batch_size):
+            yield order[pos: pos + batch_size]
 
-    ``cfg`` has ``lr`` and ``epochs`` or ``steps``, optional ``warmup_steps``, ``weight_decay``,
-    ``clip_norm``. Uint8 images are converted to the model's input inside the jitted step.
+
+def _optimize(loss: Callable, graphdef: nnx.GraphDef | None, logit_scale: float, params: Any,
+              const: Any, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int, cfg: Any,
+              *, desc: str) -> Any:
+    """``steps`` AdamW steps on ``loss(graphdef, logit_scale, params, const, x_batch, y_batch)``
+    over ``params`` (``const`` stays fixed), one batch of ``batches`` per step.
+
+    ``cfg`` has ``lr``, optional ``warmup_steps``, ``weight_decay``, ``clip_norm``. Uint8 images
+    are converted to the model's input inside the jitted step.
     """
     from tqdm.auto import tqdm
 
-    n = len(x)
-    batch_size = min(batch_size, n)
-    steps = _steps(cfg, n, batch_size)
     lrs = _lr_schedule(cfg, steps)
     opt, step = _train_step(loss, graphdef, float(logit_scale),
                             float(cfg.get("weight_decay", 0.0)), float(cfg.get("clip_norm", 1.0)))
     opt_state = opt.init(params)
-    rng = np.random.default_rng(seed)
-    order, pos = rng.permutation(n), 0
     bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
     for i in bar:
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos: pos + batch_size]
-        pos += batch_size
-        params, opt_state, value = step(params, opt_state, lrs[i], const, x[idx], y[idx])
+        xb, yb = next(batches)
+        params, opt_state, value = step(params, opt_state, lrs[i], const, xb, yb)
         if i % 50 == 0 or i == steps - 1:
             bar.set_postfix(loss=f"{float(value):.3f}")
     return params
 
 
+def _fit(loss: Callable, graphdef: nnx.GraphDef | None, logit_scale: float, params: Any,
+         const: Any, x: np.ndarray, y: np.ndarray, cfg: Any, *, batch_size: int, seed: int,
+         desc: str) -> Any:
+    """Minimises ``loss`` (see :func:`_optimize`) on shuffled minibatches of ``(x, y)``; ``cfg``
+    has ``epochs`` or ``steps`` besides the optimizer settings."""
+    batch_size = min(batch_size, len(x))
+    batches = ((x[i], y[i]) for i in _epochs(len(x), batch_size, np.random.default_rng(seed)))
+    return _optimize(loss, graphdef, logit_scale, params, const, batches,
+                     _steps(cfg, len(x), batch_size), cfg, desc=desc)
+
+
 def pretrain(graphdef: nnx.GraphDef, params: Params, images: np.ndarray, labels: np.ndarray,
-             cfg: Any, *, num_classes: int, logit_scale: float, batch_size: int,
+             cfg: Any, *, num_classes: int | Sequence[int], logit_scale: float, batch_size: int,
              seed: int) -> Params:
-    """Pretrains the encoder with a throw-away cosine head that trains along.
+    """Pretrains the encoder with throw-away cosine heads that train along.
 
     Args:
         graphdef, params: the freshly initialised encoder.
-        images: uint8 ``(N, 28, 28, 1)``; labels int32 ``(N,)``.
+        images: uint8 ``(N, 28, 28, 1)``.
+        labels: int32 ``(N,)`` with ``num_classes`` an int (one head), or ``(N, L)`` with
+            ``num_classes`` L ints (one head per label column; the loss is the sum of theirs).
         cfg: the ``train.pretrain`` section (``lr``, ``epochs``/``steps``, ...).
 
     Returns:
-        The pretrained encoder params (the throw-away head is dropped).
+        The pretrained encoder params (the throw-away heads are dropped).
     """
     proj = int(jax.eval_shape(lambda p: _features(graphdef, p, images[:1]), params).shape[-1])
-    head0 = {"kernel": jax.random.normal(jax.random.key(seed), (proj, num_classes)) * proj ** -0.5}
+
+    def init(key, c):
+        return {"kernel": jax.random.normal(key, (proj, c)) * proj ** -0.5}
+
+    if labels.ndim == 1:
+        head0 = init(jax.random.key(seed), int(num_classes))
+    else:
+        if labels.shape[1] != len(num_classes):
+            raise ValueError(f"pretrain: labels {labels.shape} need one class count per column, "
+                             f"got num_classes={num_classes}")
+        keys = jax.random.split(jax.random.key(seed), len(num_classes))
+        head0 = [init(k, int(c)) for k, c in zip(keys, num_classes)]
     out = _fit(_pretrain_loss, graphdef, logit_scale, {"encoder": params, "head": head0}, None,
                images, labels, cfg, batch_size=batch_size, seed=seed, desc="pretrain")
     return out["encoder"]
@@ -243,18 +280,35 @@ def _encode_fn(graphdef: nnx.GraphDef) -> Callable:
 
 def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Any, *,
              logit_scale: float, seed: int) -> Head:
-    """Fits a cosine head on fixed features (the frozen encoder's embeddings).
+    """A cosine head on fixed features (the frozen encoder's embeddings).
+
+    ``cfg.kind`` (default ``"probe"``): ``"probe"`` fits the kernel by AdamW on the
+    cross-entropy (a linear probe); ``"prototype"`` takes each class's column as the mean of its
+    L2-normalised features (a nearest-class-mean head, fit by no gradient: like a CLIP
+    zero-shot head, one embedding per class name, it is a fair but not an optimal classifier).
 
     Args:
         features: float ``(N, projection_dim)``; labels int32 ``(N,)``.
-        cfg: the ``train.head`` section (``lr``, ``steps``/``epochs``).
+        cfg: the ``train.head`` section (``kind``; for a probe ``lr``, ``steps``/``epochs``).
 
     Returns:
         ``{"kernel": (projection_dim, num_classes)}``.
     """
+    kind = cfg.get("kind", "probe")
     d = features.shape[-1]
+    if kind == "prototype":
+        f = np.asarray(features, np.float64)
+        f = f / (np.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
+        counts = np.bincount(labels, minlength=num_classes)
+        if (counts == 0).any():
+            raise ValueError(f"fit_head: classes {np.flatnonzero(counts == 0).tolist()} have no "
+                             f"example among {len(labels)} labels")
+        sums = np.zeros((num_classes, d))
+        np.add.at(sums, labels, f)
+        return {"kernel": jnp.asarray((sums / counts[:, None]).T, jnp.float32)}
+    if kind != "probe":
+        raise ValueError(f"train.head.kind={kind!r}: expected 'probe' or 'prototype'")
     head = {"kernel": jax.random.normal(jax.random.key(seed), (d, num_classes)) * d ** -0.5}
-
     return _fit(_head_loss, None, logit_scale, head, None, np.asarray(features, np.float32),
                 labels, cfg, batch_size=cfg.get("batch_size", 1024), seed=seed, desc="head")
 
@@ -277,6 +331,60 @@ def finetune(graphdef: nnx.GraphDef, params: Params, head: Head, images: np.ndar
     head = jax.tree.map(jnp.asarray, head)
     return _fit(_finetune_loss, graphdef, logit_scale, params, head, images, labels, cfg,
                 batch_size=batch_size, seed=seed, desc=desc)
+
+
+def multitask_steps(cfg: Any, sizes: Sequence[int], batch_size: int) -> int:
+    """The multi-task fine-tuning's step count: ``cfg.steps`` if set, else
+    ``ceil(cfg.epochs * sum(sizes) / batch_size)`` (``cfg.epochs`` passes over every task's
+    training set: with the experts' epochs and batch size, about the sum of their steps)."""
+    if cfg.get("steps"):
+        return int(cfg.steps)
+    return int(np.ceil(cfg.epochs * sum(sizes) / batch_size))
+
+
+def multitask_finetune(graphdef: nnx.GraphDef, params: Params, heads: Sequence[Head],
+                       data: Sequence[osuite.Split], cfg: Any, *, logit_scale: float,
+                       batch_size: int, seed: int, desc: str = "multitask") -> Params:
+    """Fine-tunes one encoder on every task jointly; every task's head is a constant (frozen).
+
+    Each step's batch is a balanced mixture: ``batch_size // T`` images of every task, each
+    task drawn from its own training set reshuffled every epoch; the loss is the mean over
+    tasks of each task's cross-entropy through its own head, so every task weighs the same
+    whatever its size.
+
+    Args:
+        graphdef, params: the pretrained encoder.
+        heads: the T tasks' heads ``{"kernel": (projection_dim, C_t)}``.
+        data: the T tasks' training sets ``(images uint8 (N_t, 28, 28, 1), labels int32 (N_t,))``.
+        cfg: the ``train.multitask`` section: ``lr``, ``epochs`` or ``steps`` (see
+            :func:`multitask_steps`), optional ``warmup_steps``, ``weight_decay``, ``clip_norm``.
+        batch_size: images per step over all tasks (at least T).
+
+    Returns:
+        The multi-task encoder's params (same tree as ``params``).
+    """
+    t = len(data)
+    if t == 0 or len(heads) != t:
+        raise ValueError(f"multitask_finetune: {len(heads)} heads for {t} tasks' data, "
+                         "expected one head per task and at least one task")
+    per_task = batch_size // t
+    if per_task < 1 or any(len(x) < per_task for x, _ in data):
+        raise ValueError(f"multitask_finetune: batch_size={batch_size} over {t} tasks of "
+                         f"{[len(x) for x, _ in data]} images, expected 1 <= batch_size // T <= "
+                         "every task's size")
+    streams = [_epochs(len(x), per_task, np.random.default_rng([seed, i]))
+               for i, (x, _) in enumerate(data)]
+
+    def batches():
+        while True:
+            idx = [next(s) for s in streams]
+            yield (np.stack([x[i] for (x, _), i in zip(data, idx)]),
+                   np.stack([y[i] for (_, y), i in zip(data, idx)]))
+
+    heads = tuple(jax.tree.map(jnp.asarray, h) for h in heads)
+    steps = multitask_steps(cfg, [len(x) for x, _ in data], batch_size)
+    return _optimize(_multitask_loss, graphdef, logit_scale, params, heads, batches(), steps, cfg,
+                     desc=desc)
 
 
 def predict(graphdef: nnx.GraphDef, params: Params, head: Head, images: np.ndarray, *,
@@ -352,6 +460,8 @@ class TrainedModels:
         heads: ``{task: {"kernel": (projection_dim, num_classes)}}`` (fit on ``pretrained``).
         logit_scale: the heads' temperature.
         timings: seconds spent per stage (0 for cache hits) and ``cache_hits``.
+        multitask: the encoder fine-tuned on every task jointly (heads frozen), or None when
+            it was not asked for.
     """
 
     graphdef: nnx.GraphDef
@@ -360,6 +470,7 @@ class TrainedModels:
     heads: dict[str, Head]
     logit_scale: float
     timings: dict[str, Any]
+    multitask: Params | None = None
 
     def model(self, params: Params) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
@@ -371,8 +482,10 @@ class TrainedModels:
                         logit_scale=self.logit_scale, batch_size=batch_size)
 
 
-def train_all(cfg: Any, cache_dir: str, suite: osuite.Suite | None = None) -> TrainedModels:
-    """Pretrains, fits every task's head and fine-tunes every expert, with caching.
+def train_all(cfg: Any, cache_dir: str, suite: osuite.Suite | None = None, *,
+              multitask: bool = False) -> TrainedModels:
+    """Pretrains, fits every task's head, fine-tunes every expert (and the multi-task model),
+    with caching.
 
     Args:
         cfg: the experiment config with sections ``suite``, ``model`` and ``train``
@@ -380,6 +493,8 @@ def train_all(cfg: Any, cache_dir: str, suite: osuite.Suite | None = None) -> Tr
         cache_dir: where the stage checkpoints live (created if missing).
         suite: the built suite (when None: built from ``cfg.suite`` through tfds, with the
             data written once under ``cache_dir/tfds``).
+        multitask: also fine-tune one encoder on all tasks (:func:`multitask_finetune` with
+            ``train.multitask``).
 
     Returns:
         ``TrainedModels``.
@@ -387,10 +502,14 @@ def train_all(cfg: Any, cache_dir: str, suite: osuite.Suite | None = None) -> Tr
     if suite is None:
         suite = osuite.build_suite(cfg.suite, data_dir=os.path.join(cache_dir, "tfds"))
     tcfg = cfg.train
+    if multitask and tcfg.get("multitask") is None:
+        raise ValueError("train_all(multitask=True) needs a train.multitask section "
+                         "(lr, epochs or steps); the config has none")
     scale = float(tcfg.logit_scale)
     graphdef, init = split_params(make_model(cfg.model))
     os.makedirs(cache_dir, exist_ok=True)
-    timings: dict[str, Any] = {"cache_hits": 0, "pretrain": 0.0, "heads": 0.0, "finetune": 0.0}
+    timings: dict[str, Any] = {"cache_hits": 0, "pretrain": 0.0, "heads": 0.0, "finetune": 0.0,
+                               "multitask": 0.0}
 
     def timed(stage, path, target, compute):
         t0 = time.perf_counter()
@@ -401,21 +520,23 @@ def train_all(cfg: Any, cache_dir: str, suite: osuite.Suite | None = None) -> Tr
         return tree
 
     pre_key = config_hash("pretrain", cfg.model, tcfg.pretrain, tcfg.batch_size, scale,
-                          cfg.suite.pretrain_n, cfg.suite.seed)
+                          osuite.pretrain_spec(cfg.suite))
 
     def do_pretrain():
         x, y = osuite.pretrain_data(cfg.suite)
-        return pretrain(graphdef, init, x, y, tcfg.pretrain, num_classes=10, logit_scale=scale,
+        return pretrain(graphdef, init, x, y, tcfg.pretrain,
+                        num_classes=osuite.pretrain_num_classes(cfg.suite), logit_scale=scale,
                         batch_size=tcfg.batch_size, seed=cfg.suite.seed)
 
     pretrained = timed("pretrain", os.path.join(cache_dir, f"pretrained-{pre_key}"), init,
                        do_pretrain)
 
-    experts, heads = {}, {}
+    experts, heads, head_keys = {}, {}, []
     suite_key = {k: v for k, v in cfg.suite.to_dict().items() if k != "tasks"}
     for i, task in enumerate(suite.tasks):
         x, y = task.train
         head_key = config_hash("head", pre_key, suite_key, task.name, tcfg.head)
+        head_keys.append(head_key)
         d = int(jax.tree.leaves(pretrained["visual_projection"])[0].shape[-1])
         target = {"kernel": jnp.zeros((d, task.num_classes), jnp.float32)}
         head_fn = functools.partial(_fit_head_on, graphdef, pretrained, x, y, task.num_classes,
@@ -428,4 +549,12 @@ def train_all(cfg: Any, cache_dir: str, suite: osuite.Suite | None = None) -> Tr
                                   seed=cfg.suite.seed + i, desc=f"finetune {task.name}")
         experts[task.name] = timed(
             "finetune", os.path.join(cache_dir, f"expert-{task.name}-{ft_key}"), init, ft_fn)
-    return TrainedModels(graphdef, pretrained, experts, heads, scale, timings)
+    mt = None
+    if multitask:
+        mt_key = config_hash("multitask", head_keys, tcfg.multitask, tcfg.batch_size)
+        mt_fn = functools.partial(multitask_finetune, graphdef, pretrained,
+                                  [heads[t.name] for t in suite.tasks], [t.train for t in suite.tasks],
+                                  tcfg.multitask, logit_scale=scale, batch_size=tcfg.batch_size,
+                                  seed=cfg.suite.seed)
+        mt = timed("multitask", os.path.join(cache_dir, f"multitask-{mt_key}"), init, mt_fn)
+    return TrainedModels(graphdef, pretrained, experts, heads, scale, timings, mt)

@@ -193,6 +193,7 @@ BAD_VALUES = [
     ("--config.merge.methods=ta,dare", "merge.methods"),
     ("--config.eval.limit=0", "eval.limit"),
     ("--config.run.mesh=data", "run.mesh"),
+    ("--config.suite.regime=wide", "suite.regime"),
 ]
 
 

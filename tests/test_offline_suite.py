@@ -186,3 +186,148 @@ def test_tfds_round_trip_equals_in_memory(tmp_path):
                 assert u.dtype == v.dtype
                 np.testing.assert_array_equal(u, v)
                 np.testing.assert_array_equal(u, w)
+
+
+# ----------------------------------------------------------------------------- broad pretraining
+
+
+def _broad(tasks, **kw):
+    return _cfg(tasks, **{"regime": "broad", "pretrain_n": 96, "pretrain_clusters": 4, **kw})
+
+
+def _shuffled_labels(load):
+    """A source loader whose labels are permuted: data that reads labels changes with it."""
+    def fake():
+        out = {}
+        for split, (x, y) in load().items():
+            out[split] = (x, np.random.default_rng(0).permutation(y))
+        return out
+    return fake
+
+
+@pytest.mark.parametrize("regime", ["narrow", "broad"])
+def test_broad_pretraining_reads_no_label(monkeypatch, regime):
+    cfg = _broad(["mnist", "mnist_flip_parity", "mnist_elastic_shift", "digits_upscaled"])
+    cfg.regime = regime
+    x, y = osuite.pretrain_data(cfg)
+    monkeypatch.setattr(osuite, "load_mnist", _shuffled_labels(osuite.load_mnist))
+    monkeypatch.setattr(osuite, "load_optdigits", _shuffled_labels(osuite.load_optdigits))
+    x2, y2 = osuite.pretrain_data(cfg)
+    np.testing.assert_array_equal(x, x2)
+    if regime == "narrow":  # plain digits with their labels: the check sees labels change
+        assert not np.array_equal(y, y2)
+    else:
+        np.testing.assert_array_equal(y, y2)
+        assert osuite.pretrain_num_classes(cfg) == 4 and set(np.unique(y)) <= set(range(4))
+
+
+def test_broad_pretraining_renders_unused_images_in_every_domain():
+    tasks = ["mnist", "mnist_inverted", "mnist_rot90", "mnist_block_shuffle"]
+    cfg = _broad(tasks)
+    x, y = osuite.pretrain_data(cfg)
+    assert x.shape == (96, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
+    src_x = osuite.load_mnist()["train"][0]
+    index = {img.tobytes(): i for i, img in enumerate(src_x)}
+    suite = osuite.build_suite(cfg)
+    task_images = set()  # every task image, mapped back to its plain source image
+    for name in tasks:
+        for split in ("train", "validation"):
+            raw = np.ascontiguousarray(_INVERSES[name][0](suite[name].splits[split][0][..., 0]))
+            task_images |= {r.tobytes() for r in raw}
+    source, domain = np.full(96, -1), np.full(96, -1)
+    for d, name in enumerate(tasks):  # each image is exactly one domain's rendering of a source
+        raw = np.ascontiguousarray(_INVERSES[name][0](x[..., 0]))
+        for i, r in enumerate(raw):
+            if r.tobytes() in index:
+                assert source[i] == -1
+                source[i], domain[i] = index[r.tobytes()], d
+    assert (source >= 0).all() and len(set(source)) == 96
+    assert np.bincount(domain).tolist() == [24] * 4  # the domains in turn
+    assert not {src_x[i].tobytes() for i in source} & task_images  # no task image is reused
+    order = np.argsort(source)  # labels: the clusters of the plain sources, by source index
+    clusters = osuite.content_clusters(src_x[np.sort(source)], 4, cfg.seed)
+    np.testing.assert_array_equal(y[order], clusters)
+    # the other label kinds: the same images, with the domain as a second column or folded in
+    cfg.pretrain_labels = "content+domain"
+    x2, y2 = osuite.pretrain_data(cfg)
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(y2, np.stack([y, domain], axis=1))
+    assert osuite.pretrain_num_classes(cfg) == (4, 4)
+    cfg.pretrain_labels = "joint"
+    np.testing.assert_array_equal(osuite.pretrain_data(cfg)[1], domain * 4 + y)
+    assert osuite.pretrain_num_classes(cfg) == 16
+    cfg.pretrain_labels = "captions"
+    with pytest.raises(ValueError, match="suite.pretrain_labels='captions'"):
+        osuite.pretrain_data(cfg)
+
+
+def test_broad_pretraining_draws_upscaled_digits_from_mnist():
+    cfg = _broad(["mnist", "digits_upscaled"], pretrain_n=20)
+    x, _ = osuite.pretrain_data(cfg)
+    src_x = osuite.load_mnist()["train"][0]
+    plain = {img.tobytes() for img in src_x}
+    upscaled = [i for i in range(20) if x[i, ..., 0].tobytes() not in plain]
+    assert len(upscaled) == 10  # the other half are plain MNIST images
+    small = x[upscaled, 2:26:3, 2:26:3, 0]  # one pixel per 3x3 tile: the 8x8 digit, 0..255
+    counts = np.rint(small.astype(np.float64) * 16 / 255).astype(np.uint8)
+    np.testing.assert_array_equal(osuite.upscale_digits(counts), x[upscaled, ..., 0])
+    table = {c.tobytes() for c in osuite.mnist_to_optdigits(src_x)}  # checked against a loop below
+    assert all(c.tobytes() in table for c in counts)  # an MNIST image made into an 8x8 digit
+
+
+def test_mnist_to_optdigits_against_loop():
+    x = np.random.default_rng(3).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    out = osuite.mnist_to_optdigits(x)
+    assert out.shape == (2, 8, 8) and out.dtype == np.uint8
+    big = np.zeros((2, 32, 32), bool)
+    big[:, 2:30, 2:30] = x >= 128
+    for n in range(2):
+        for i in range(8):
+            for j in range(8):
+                assert out[n, i, j] == big[n, 4 * i: 4 * i + 4, 4 * j: 4 * j + 4].sum()
+    with pytest.raises(ValueError, match="28, 28"):
+        osuite.mnist_to_optdigits(np.zeros((1, 8, 8), np.uint8))
+
+
+def test_content_clusters_recovers_separated_groups():
+    rng = np.random.default_rng(0)
+    levels = np.repeat([10, 120, 240], 30)  # three groups of flat images, slightly noisy
+    imgs = np.clip(levels[:, None, None] + rng.integers(-5, 6, (90, 8, 8)), 0, 255).astype(np.uint8)
+    ids = osuite.content_clusters(imgs, 3, seed=0)
+    assert ids.dtype == np.int32
+    for g in range(3):  # one cluster per group, three distinct clusters
+        assert len(set(ids[30 * g: 30 * g + 30])) == 1
+    assert len(set(ids)) == 3
+
+
+def test_pretrain_spec_and_bad_regime():
+    narrow, broad = _cfg(["mnist"]), _broad(["mnist"])
+    assert osuite.pretrain_spec(narrow) == {"regime": "narrow", "pretrain_n": 50, "seed": 3}
+    assert osuite.pretrain_spec(broad)["regime"] == "broad"
+    assert osuite.pretrain_spec(broad) != osuite.pretrain_spec(_broad(["mnist", "mnist_noise"]))
+    with pytest.raises(ValueError, match="suite.regime='wide'"):
+        osuite.pretrain_data(_cfg(["mnist"], regime="wide"))
+    with pytest.raises(ValueError, match="pretrain_n=100000"):
+        osuite.pretrain_data(_broad(["mnist"], pretrain_n=100_000))
+    with pytest.raises(ValueError, match="suite.pretrain_clusters=1: "):
+        osuite.pretrain_data(_broad(["mnist"], pretrain_clusters=1))
+
+
+def test_broad_config_changes_only_pretraining_and_finetuning():
+    from pathlib import Path
+
+    from epmq_jax.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for size in ("full", "small", "tiny"):
+        narrow = load_config(f"{configs / 'offline_8task.py'}:{size}").to_dict()
+        broad = load_config(f"{configs / 'offline_8task_broad.py'}:{size}").to_dict()
+        assert narrow["suite"]["regime"] == "narrow" and broad["suite"]["regime"] == "broad"
+        osuite.pretrain_spec(ml_collections.ConfigDict(broad["suite"]))  # valid broad keys
+        for c in (narrow, broad):
+            c.pop("name")
+            for key in ("regime", "pretrain_n", "pretrain_clusters", "pretrain_labels"):
+                c["suite"].pop(key, None)
+            for key in ("pretrain", "finetune", "multitask"):
+                c["train"].pop(key)
+        assert narrow == broad  # same tasks, splits, model, heads, merges, quantizers, rows

@@ -69,7 +69,8 @@ def test_results_shape(tiny_run):
     tasks = list(cfg.suite.tasks)
     rows = doc["rows"]
     assert [(r["merge"], r["method"], r["bits"], r["block"]) for r in rows] == [
-        (v.merge, v.method, v.bits, v.block) for v in pipeline.plan(cfg)]
+        (v.merge, v.method, v.bits, v.block) for v in pipeline.plan(cfg, has_multitask=True)]
+    assert cfg.model_pool.multitask and rows[1]["merge"] == "multitask"  # beside the experts
     for r in rows:
         assert list(r["per_task"]) == tasks
         assert r["avg"] == pytest.approx(np.mean(list(r["per_task"].values())))

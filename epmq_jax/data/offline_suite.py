@@ -285,6 +285,16 @@ def _pick(n_avail: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.permutation(n_avail)[: min(n, n_avail)])
 
 
+def _split_indices(name: str, n_source_train: int, n_source_test: int, n_train: int, n_val: int,
+                   n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A task's ``(train, validation, test)`` indices into its source's train / test images."""
+    rng = np.random.default_rng([seed, list(TASKS).index(name)])
+    order = rng.permutation(n_source_train)
+    val_idx = np.sort(order[:n_val])
+    train_idx = np.sort(order[n_val: n_val + n_train])
+    return train_idx, val_idx, _pick(n_source_test, n_test, rng)
+
+
 def make_task(name: str, *, n_train: int, n_val: int, n_test: int, seed: int) -> TaskData:
     """Builds one task's three splits.
 
@@ -309,12 +319,9 @@ def make_task(name: str, *, n_train: int, n_val: int, n_test: int, seed: int) ->
     task = TASKS[name]
     tid = list(TASKS).index(name)
     src = _source(task.source)
-    rng = np.random.default_rng([seed, tid])
     x_tr, y_tr = src["train"]
-    order = rng.permutation(len(x_tr))
-    val_idx = np.sort(order[:n_val])
-    train_idx = np.sort(order[n_val: n_val + n_train])
-    test_idx = _pick(len(src["test"][0]), n_test, rng)
+    train_idx, val_idx, test_idx = _split_indices(name, len(x_tr), len(src["test"][0]), n_train,
+                                                  n_val, n_test, seed)
     raw = {"train": (x_tr[train_idx], y_tr[train_idx]),
            "validation": (x_tr[val_idx], y_tr[val_idx]),
            "test": (src["test"][0][test_idx], src["test"][1][test_idx])}
@@ -385,21 +392,144 @@ def build_suite(cfg: Any, data_dir: str | None = None) -> Suite:
                                  seed=cfg.seed) for n in names))
 
 
-def pretrain_data(cfg: Any) -> Split:
-    """The pretraining images: plain MNIST training images with their digit labels.
+REGIMES = ("narrow", "broad")
 
-    The encoder is pretrained on one domain (plain digits) and then fine-tuned on the shifted
-    domains of the tasks, as CLIP is pretrained on web images and fine-tuned on e.g. EuroSAT.
+
+def _regime(cfg: Any) -> str:
+    regime = cfg.get("regime", "narrow")
+    if regime not in REGIMES:
+        raise ValueError(f"suite.regime={regime!r}: expected one of {REGIMES}")
+    return regime
+
+
+def pretrain_spec(cfg: Any) -> dict[str, Any]:
+    """Every ``suite`` entry the pretraining data depends on (for cache keys)."""
+    spec = {"regime": _regime(cfg), "pretrain_n": int(cfg.pretrain_n), "seed": int(cfg.seed)}
+    if spec["regime"] == "broad":
+        k = cfg.get("pretrain_clusters")
+        if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= int(cfg.pretrain_n):
+            raise ValueError(f"suite.pretrain_clusters={k!r}: suite.regime='broad' needs an int "
+                             f"from 2 to suite.pretrain_n={cfg.pretrain_n}")
+        spec.update(version=_DATA_VERSION, tasks=list(cfg.tasks), n_train=int(cfg.n_train),
+                    n_val=int(cfg.n_val), clusters=int(cfg.pretrain_clusters),
+                    labels=_pretrain_labels(cfg))
+    return spec
+
+
+PRETRAIN_LABELS = ("content", "content+domain", "joint")
+
+
+def _pretrain_labels(cfg: Any) -> str:
+    kind = cfg.get("pretrain_labels", "content")
+    if kind not in PRETRAIN_LABELS:
+        raise ValueError(f"suite.pretrain_labels={kind!r}: expected one of {PRETRAIN_LABELS}")
+    return kind
+
+
+def pretrain_num_classes(cfg: Any) -> int | tuple[int, int]:
+    """The number of pretraining classes: 10 digits (narrow); for broad, by
+    ``cfg.pretrain_labels``: k = ``cfg.pretrain_clusters`` (``"content"``), ``(k, T)``
+    (``"content+domain"``, T tasks) or ``k * T`` (``"joint"``)."""
+    if _regime(cfg) == "narrow":
+        return 10
+    k, t = int(cfg.pretrain_clusters), len(cfg.tasks)
+    return {"content": k, "content+domain": (k, t), "joint": k * t}[_pretrain_labels(cfg)]
+
+
+def mnist_to_optdigits(images: np.ndarray) -> np.ndarray:
+    """MNIST ``(N, 28, 28)`` uint8 -> optdigits-style ``(N, 8, 8)`` counts in 0..16.
+
+    The UCI digits were made by cutting 32x32 bitmaps into 4x4 blocks and counting the set
+    pixels; here the MNIST image is padded by 2 to 32x32, thresholded at 128, and counted alike.
+    """
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"mnist_to_optdigits expects (N, 28, 28) images, got {images.shape}")
+    bits = np.pad(images >= 128, ((0, 0), (2, 2), (2, 2)))
+    return bits.reshape(len(images), 8, 4, 8, 4).sum(axis=(2, 4)).astype(np.uint8)
+
+
+def content_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Label-free pseudo-labels: k-means clusters of the images' pixels.
+
+    Pixels scaled to [0, 1] are projected on their first 32 principal components
+    (``sklearn.decomposition.PCA``) and clustered by ``sklearn.cluster.KMeans`` (k-means++,
+    one initialisation, ``random_state=seed``). Only pixels are read, never a label.
 
     Args:
-        cfg: the ``suite`` ConfigDict: ``pretrain_n`` images, drawn with ``seed``.
+        images: uint8 ``(N, H, W)``.
+        k: the number of clusters.
 
     Returns:
-        ``(images uint8 (N, 28, 28, 1), labels int32 (N,))``.
+        int32 ``(N,)`` cluster ids in ``[0, k)``.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    z = PCA(n_components=min(32, *flat.shape), random_state=seed).fit_transform(flat)
+    return KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(z).astype(np.int32)
+
+
+def _unused_mnist_train(cfg: Any) -> np.ndarray:
+    """Indices of MNIST training images in no MNIST task's train or validation split."""
+    n_src = len(load_mnist()["train"][0])
+    used = np.zeros(n_src, bool)
+    for name in cfg.tasks:
+        if TASKS[name].source == "mnist":
+            tr, va, _ = _split_indices(name, n_src, len(load_mnist()["test"][0]), int(cfg.n_train),
+                                       int(cfg.n_val), 1, int(cfg.seed))
+            used[tr] = used[va] = True
+    return np.flatnonzero(~used)
+
+
+def pretrain_data(cfg: Any) -> Split:
+    """The pretraining images and labels of the suite's regime (``cfg.regime``).
+
+    - ``"narrow"`` (default): ``pretrain_n`` plain MNIST training images with their digit
+      labels: one domain, as a narrow foundation model.
+    - ``"broad"``: ``pretrain_n`` MNIST training images that are in no task's train or
+      validation split, each rendered in the input domain of one of the suite's tasks (the
+      tasks in turn, in a random order; a task on the UCI digits gets the MNIST image made
+      into an 8x8 digit first, :func:`mnist_to_optdigits`). The label of an image is the
+      k-means cluster (:func:`content_clusters`, ``cfg.pretrain_clusters``) of its *plain*
+      source image: what the image shows, whatever the domain it is drawn in, like a caption.
+      No label of any data set is read, so no task's labels (digit, parity, digit+3) are
+      known to pretraining.
+
+    Args:
+        cfg: the ``suite`` ConfigDict: ``regime``, ``pretrain_n``, ``seed``; for ``"broad"``
+            also ``tasks``, ``n_train``, ``n_val`` (the images to leave out) and
+            ``pretrain_clusters``.
+
+    Returns:
+        ``(images uint8 (N, 28, 28, 1), labels int32 (N,))``; labels in
+        ``[0, pretrain_num_classes(cfg))``.
     """
     x, y = load_mnist()["train"]
-    idx = _pick(len(x), cfg.pretrain_n, np.random.default_rng([cfg.seed, 10_000]))
-    return x[idx][..., None], y[idx]
+    if pretrain_spec(cfg)["regime"] == "narrow":  # (checks the regime's keys)
+        idx = _pick(len(x), cfg.pretrain_n, np.random.default_rng([cfg.seed, 10_000]))
+        return x[idx][..., None], y[idx]
+    del y  # the broad regime never reads a label
+    pool = _unused_mnist_train(cfg)
+    if len(pool) < cfg.pretrain_n:
+        raise ValueError(f"suite.pretrain_n={cfg.pretrain_n}: only {len(pool)} MNIST training "
+                         "images are in no task's train or validation split")
+    rng = np.random.default_rng([cfg.seed, 20_000])
+    src = x[np.sort(rng.choice(pool, int(cfg.pretrain_n), replace=False))]
+    labels = content_clusters(src, int(cfg.pretrain_clusters), int(cfg.seed))
+    domain = rng.permutation(np.arange(len(src)) % len(cfg.tasks))
+    images = np.empty_like(src)
+    for d, name in enumerate(cfg.tasks):
+        task, sel = TASKS[name], np.flatnonzero(domain == d)
+        plain = src[sel] if task.source == "mnist" else mnist_to_optdigits(src[sel])
+        images[sel] = task.transform(plain, np.random.default_rng([cfg.seed, 20_000, d]))
+    domain = domain.astype(np.int32)
+    kind = _pretrain_labels(cfg)
+    if kind == "content+domain":
+        return images[..., None], np.stack([labels, domain], axis=1)
+    if kind == "joint":
+        return images[..., None], domain * int(cfg.pretrain_clusters) + labels
+    return images[..., None], labels
 
 
 def calibration_images(suite: Suite, n: int, *, seed: int = 0,

@@ -2,7 +2,8 @@
 
 Model pool ``offline_suite``: the suite's data is built once as local tfds datasets under the
 cache (:mod:`epmq_jax.data.offline_suite`); the pretrained encoder, the per-task heads and the
-experts are trained on first use, or restored from the cache (:func:`epmq_jax.train.train_all`).
+experts (and, with ``model_pool.multitask``, the multi-task model) are trained on first use, or
+restored from the cache (:func:`epmq_jax.train.train_all`).
 Calibration inputs are ``calib.n_per_task`` images from each task's train split.
 
 Task pool ``offline_suite``: top-1 accuracy with each task's frozen cosine head, on the
@@ -28,9 +29,16 @@ class OfflineModelPool:
     kind = "offline_suite"
 
     def __init__(self, ctx: Context):
+        from epmq_jax.config import ConfigError
+        from epmq_jax.data import offline_suite
+
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.tasks = list(self.cfg.suite.tasks)
+        try:  # the regime and its keys, before anything is built or trained
+            offline_suite.pretrain_spec(self.cfg.suite)
+        except ValueError as e:
+            raise ConfigError(f"--config.{e}") from None
 
     @functools.cached_property
     def _template(self) -> tuple[Any, Params]:
@@ -66,9 +74,10 @@ class OfflineModelPool:
         cache = self.ctx.cache_dir
         self.ctx.log(f"[epmq] training (cached under {cache}) ...")
         with self.ctx.timed("train"):
-            trained = train.train_all(self.cfg, str(cache), self.suite)
+            trained = train.train_all(self.cfg, str(cache), self.suite, multitask=self.has_multitask)
         hits = trained.timings.get("cache_hits", 0)
-        self.ctx.log(f"[epmq] models ready ({hits} of {2 * len(self.tasks) + 1} stages from the cache)")
+        stages = 2 * len(self.tasks) + 1 + int(self.has_multitask)
+        self.ctx.log(f"[epmq] models ready ({hits} of {stages} stages from the cache)")
         return trained
 
     def base(self) -> Params:
@@ -77,8 +86,14 @@ class OfflineModelPool:
     def experts(self) -> list[Params]:
         return [self.trained.experts[t] for t in self.tasks]
 
+    @property
+    def has_multitask(self) -> bool:
+        """``model_pool.multitask``: whether the pool trains (and serves) the multi-task model."""
+        return bool(self.cfg.model_pool.get("multitask", False))
+
     def multitask(self) -> Params | None:
-        return None
+        """The encoder fine-tuned on all tasks jointly (heads frozen), if ``model_pool.multitask``."""
+        return self.trained.multitask if self.has_multitask else None
 
     def adapter(self) -> Any:
         from epmq_jax import calib, train
