@@ -3,10 +3,13 @@
 A timing taken on a loaded machine is wrong, not noisy. Every script in ``benchmarks/``:
 
 - prints :func:`machine_line` (CPU model, cores, memory, JAX backend and devices) and the load
-  average before and after (:func:`load_line`);
+  average before and after (:func:`load_line`; the figure after includes the benchmark's own
+  threads, so it is not what decides), and the CPU the *other* processes used while it ran
+  (:func:`outside_cpu`: all busy CPU time from ``/proc/stat`` minus this process's own);
 - calls :func:`check_quiet` before timing: when the 1-minute load average exceeds half the
   cores it refuses to run (exit 3) unless ``--allow-load`` is given, and then every table it
-  prints is marked ``LOADED MACHINE: figures not valid``;
+  prints is marked ``LOADED MACHINE: figures not valid``; :func:`finish` adds the same mark
+  when other processes used more than half a core on average during the run;
 - times competing implementations with :func:`interleaved_min`: the candidates run in turn,
   round after round, and each one's figure is its minimum over the rounds, so a burst of
   outside work hits all of them alike and cannot favour one.
@@ -58,6 +61,36 @@ def machine_line() -> str:
             f"({len(devs)} x {', '.join(kinds)})")
 
 
+def _busy_seconds() -> float | None:
+    """All CPUs' busy time since boot in seconds (``/proc/stat``), or None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)      # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+_START: dict[str, float | None] = {}
+
+
+def outside_cpu() -> float | None:
+    """Average number of cores other processes kept busy since :func:`check_quiet`, or None."""
+    busy = _busy_seconds()
+    if busy is None or _START.get("busy") is None:
+        return None
+    wall = time.monotonic() - _START["wall"]
+    if wall <= 0:
+        return None
+    return max(0.0, (busy - _START["busy"]) - (_own_seconds() - _START["own"])) / wall
+
+
 def load_line(when: str) -> str:
     """``load average (when): 1m 5m 15m (N cores)``."""
     one, five, fifteen = os.getloadavg()
@@ -83,6 +116,7 @@ def check_quiet(allow_load: bool) -> bool:
     """
     print(machine_line())
     print(load_line("before"))
+    _START.update(busy=_busy_seconds(), own=_own_seconds(), wall=time.monotonic())
     loaded = os.getloadavg()[0] > (os.cpu_count() or 1) / 2
     if loaded and not allow_load:
         print(f"refusing to time on a loaded machine (1-minute load {os.getloadavg()[0]:.2f} > "
@@ -95,9 +129,13 @@ def check_quiet(allow_load: bool) -> bool:
 
 
 def finish(loaded: bool) -> None:
-    """Prints the load after the run and, if the run was loaded (before or now), the mark."""
-    print(load_line("after"))
-    if loaded or os.getloadavg()[0] > (os.cpu_count() or 1) / 2:
+    """Prints the load after the run, the CPU other processes used during it, and the mark
+    when the machine was loaded before or others used over half a core meanwhile."""
+    print(load_line("after") + " (includes this benchmark's own threads)")
+    other = outside_cpu()
+    if other is not None:
+        print(f"other processes during the run: {other:.2f} cores on average")
+    if loaded or (other is not None and other > 0.5):
         print(LOADED_MARK)
 
 
