@@ -134,6 +134,18 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
         # the anchor-strength sweep and the switch ablations, for one merge at one bit width
         lam_sweep=(0.0, 0.01, 0.1, 1.0, 10.0), sweep_merge="ta", sweep_bits=4,
         ablations=("target=merged", "target=mix", "anchor=weight", "rounding=rtn"),
+        # E-PMQ-full (this project's extension, docs/method.md): rows for these merges, every
+        # piece alone and all together; the default row's settings are chosen on validation at
+        # select_bits among every combination of `grid` (rho: the anchor's centre rho*W_m +
+        # (1-rho)*W_base; lam: its strength; damp: the solve's damping, GPTQ keeps quant.damp)
+        full=dict(
+            merges=("ta", "ties"),
+            pieces=("bias", "norms", "tokens", "anchor", "leaves", "residual"),
+            select_bits=4,
+            settings=dict(bias=True, norms=True, token_reach=1, token_rest=0.0, leaves=True,
+                          residual=True),
+            grid=dict(rho=(1.0, 4.0, 8.0), lam=(0.1, 0.3), damp=(0.01, 0.1)),
+        ),
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=500, progress=True,
                                             limit=ml_collections.config_dict.placeholder(int)))
@@ -149,6 +161,7 @@ def _resize(c: ml_collections.ConfigDict, size: str) -> None:
     if size == "small":
         c.suite.update(dict(n_train=1000, n_val=200, n_test=300, pretrain_n=3000))
         c.calib.update(dict(n_per_task=128, lam_sweep=(0.0, 0.1, 1.0, 10.0)))
+        c.calib.full.grid = dict(rho=(1.0, 8.0), lam=(0.3,), damp=(0.1,))
     elif size == "tiny":  # four tasks with 10 classes: one compiled training step for all experts
         c.suite.update(dict(tasks=["mnist", "mnist_inverted", "mnist_noise", "digits_upscaled"],
                             n_train=128, n_val=48, n_test=96, pretrain_n=512))
@@ -163,6 +176,8 @@ def _resize(c: ml_collections.ConfigDict, size: str) -> None:
         c.quant.update(dict(bits=(4,), group_size=32))
         c.calib.update(dict(n_per_task=32, lam_sweep=(0.0, 0.1, 1.0),
                             ablations=("anchor=weight",)))
+        c.calib.full.update(dict(merges=("ta",), pieces=("bias", "residual")))
+        c.calib.full.grid = dict(rho=(1.0, 2.0))
         c.eval.update(dict(progress=False))
     else:
         raise ValueError(f"offline_8task: size must be 'full', 'small' or 'tiny', got {size!r}")
