@@ -166,6 +166,9 @@ def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
     _need(set(fm) <= set(merges), "calib.full.merges", f.merges, f"merges among merge.methods {tuple(merges)}")
     _choice_list("calib.full.pieces", f.pieces, PIECES, allow_empty=True)
     _need(f.select_bits in bits, "calib.full.select_bits", f.select_bits, f"one of quant.bits {tuple(bits)}")
+    if f.get("piece_bits") is not None:
+        _need(isinstance(f.piece_bits, list | tuple) and set(f.piece_bits) <= set(bits), "calib.full.piece_bits",
+              f.piece_bits, f"bit widths among quant.bits {tuple(bits)}")
     settings, grid = dict(f.settings), dict(f.get("grid") or {})
     for key, value in [*settings.items(), *grid.items()]:
         _need(key in FULL_KEYS, f"calib.full.settings.{key}" if key in settings else f"calib.full.grid.{key}",

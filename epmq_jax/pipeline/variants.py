@@ -126,7 +126,7 @@ def plan(cfg: ml_collections.ConfigDict, *, has_multitask: bool = False) -> list
     the E-PMQ-full rows: in ``main`` the default (validation-chosen settings, every piece) at
     each bit width and unrounded, and in the ``full`` block every piece of ``calib.full.pieces``
     alone plus ``none`` (every piece off: E-PMQ with the chosen λ and damping) at each bit
-    width and unrounded.
+    width of ``calib.full.piece_bits`` (default ``quant.bits``) and unrounded.
     """
     calib, quant = cfg.calib, cfg.quant
     out = [Variant("expert", "fp")]
@@ -154,11 +154,12 @@ def plan(cfg: ml_collections.ConfigDict, *, has_multitask: bool = False) -> list
     full = calib.get("full")
     if full:
         widths = [*(int(b) for b in quant.bits), None]
+        piece_widths = [*(int(b) for b in full.get("piece_bits") or quant.bits), None]
         for merge in full.merges:
             for bits in widths:
                 out.append(_full_variant(calib, merge, bits, block="main", default=True))
             for piece in ("none", *full.pieces):
-                for bits in widths:
+                for bits in piece_widths:
                     out.append(_full_variant(calib, merge, bits, block="full", tag=piece))
     return out
 
