@@ -531,10 +531,9 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             pending += [(gi, *layer) for layer in layers]
         out_block = merged_block if config.propagate_float else block
         q_carry = [_advance_all(adapter, kind, out_block, c) for c in q_carry]
-        if pending and full is not None:
-            stats += full_mode.finish_block(pending, k, config, bpath, kernels, weighted)
-        elif pending:
-            stats += _finish_block(pending, k, config, bpath, kernels)
+        if pending:
+            stats += (full_mode.finish_block(pending, k, config, bpath, kernels, weighted) if full is not None
+                      else _finish_block(pending, k, config, bpath, kernels))
             block_time = time.perf_counter() - t0
             for s in stats[-len(pending):]:
                 s["block_time_s"] = block_time
