@@ -32,9 +32,11 @@ from epmq_jax.report import (  # noqa: E402
 )
 
 Row = Mapping[str, Any]
-_QUANT_METHODS = ("rtn", "gptq", "awq", "epmq")
-_COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:orange", "epmq": "tab:red",
-           "fp": "black", "epmq_unrounded": "tab:purple", "expert": "tab:green", "multitask": "tab:olive"}
+_QUANT_METHODS = ("rtn", "gptq", "awq", "epmq", "epmq_full")
+_DEFAULTED = ("epmq", "epmq_full", "epmq_full_unrounded")   # methods with several rows: the default one is drawn
+_COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:orange", "epmq": "tab:red", "epmq_full": "tab:brown",
+           "fp": "black", "epmq_unrounded": "tab:purple", "epmq_full_unrounded": "tab:pink",
+           "expert": "tab:green", "multitask": "tab:olive"}
 
 
 def _find(rows: Sequence[Row], **match: Any) -> Row | None:
@@ -115,12 +117,17 @@ def plot_per_task(rows: Sequence[Row], path: str | Path, *, bits: int | None = N
                             (MERGE_NAMES["multitask"], _find(rows, merge="multitask"), _COLORS["multitask"]),
                             ("FP merge", _find(rows, merge=merge, method="fp"), _COLORS["fp"]),
                             (METHOD_NAMES["epmq_unrounded"], _find(rows, merge=merge, method="epmq_unrounded"),
-                             _COLORS["epmq_unrounded"])):
+                             _COLORS["epmq_unrounded"]),
+                            (METHOD_NAMES["epmq_full_unrounded"],
+                             _find(rows, merge=merge, method="epmq_full_unrounded", default=True),
+                             _COLORS["epmq_full_unrounded"])):
             if r is not None:
                 series.append((label, r, c))
         for m in _QUANT_METHODS:
             r = _find(rows, merge=merge, method=m, bits=bits)
-            if r is not None and (m != "epmq" or r["default"]):
+            if m in _DEFAULTED:
+                r = _find(rows, merge=merge, method=m, bits=bits, default=True)
+            if r is not None:
                 series.append((f"{METHOD_NAMES[m]} w{bits}", r, _COLORS[m]))
         x = np.arange(len(tasks) + 1)
         width = 0.85 / max(len(series), 1)
@@ -148,11 +155,13 @@ def plot_bits(rows: Sequence[Row], path: str | Path) -> Path | None:
     for ax, merge in zip(axes, merges):
         for m in _QUANT_METHODS:
             pts = sorted((r for r in rows if r["block"] == "main" and r["merge"] == merge and r["method"] == m
-                          and r["bits"] is not None and (m != "epmq" or r["default"])), key=lambda r: r["bits"])
+                          and r["bits"] is not None and (m not in _DEFAULTED or r["default"])), key=lambda r: r["bits"])
             if pts:
                 ax.plot([r["bits"] for r in pts], [r["avg"] for r in pts], "o-", color=_COLORS[m], label=METHOD_NAMES[m])
         _hline(ax, _find(rows, merge=merge, method="fp"), "FP merge", _COLORS["fp"])
         _hline(ax, _find(rows, merge=merge, method="epmq_unrounded"), "E-PMQ unrounded", _COLORS["epmq_unrounded"], "-.")
+        _hline(ax, _find(rows, merge=merge, method="epmq_full_unrounded", default=True), "E-PMQ-full unrounded",
+               _COLORS["epmq_full_unrounded"], "-.")
         _hline(ax, _find(rows, merge="expert"), "FP experts", _COLORS["expert"], ":")
         bits = sorted({r["bits"] for r in rows if r["merge"] == merge and r["bits"] is not None})
         ax.set_xticks(bits)

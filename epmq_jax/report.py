@@ -8,16 +8,20 @@ A row is a plain dict (JSON-ready) with these keys (:data:`ROW_KEYS`):
   ``"regmean"``, ... The first two (:data:`SHARED_MERGES`) are float reference rows that belong
   to no merge method.
 - ``method``: ``"fp"`` (the float model), ``"epmq_unrounded"`` (E-PMQ's relaxation W* kept in
-  float), or a quantizer: ``"rtn"``, ``"gptq"``, ``"awq"``, ``"epmq"`` (see :data:`METHODS`).
+  float), ``"epmq_full_unrounded"`` (E-PMQ-full's, this project's extension), or a quantizer:
+  ``"rtn"``, ``"gptq"``, ``"awq"``, ``"epmq"``, ``"epmq_full"`` (see :data:`METHODS`).
 - ``bits``: int, or None for float rows.
 - ``avg``: mean of ``per_task`` (percent); ``per_task``: task name -> test score (percent): an
   accuracy in [0, 100], or a correlation in [-100, 100] (GLUE's STS-B Spearman, CoLA's MCC).
 - the E-PMQ switches ``lam``, ``anchor``, ``target``, ``alpha`` (the ``mix`` weight),
   ``task_weights``, ``rounding`` (None on rows that are not E-PMQ);
-- ``default``: True on the row that stands as *the* E-PMQ result of its (merge, bits);
-- ``block``: ``"main"`` (the headline table), ``"sweep"`` (anchor strength λ sweep) or
-  ``"ablation"`` (target-input / anchor-form switches). The default E-PMQ row lives in
-  ``"main"``; the sweep and ablation tables show it beside their own rows;
+- ``default``: True on the row that stands as *the* result of its method at its (merge, bits):
+  per method, so the paper's E-PMQ (``epmq``) and E-PMQ-full (``epmq_full``, its
+  validation-chosen settings) each have one (:func:`default_row`);
+- ``block``: ``"main"`` (the headline table), ``"sweep"`` (anchor strength λ sweep),
+  ``"ablation"`` (target-input / anchor-form switches) or ``"full"`` (E-PMQ-full's pieces, each
+  alone; ``settings["full_piece"]`` names it). The default rows live in ``"main"``; the other
+  blocks show their method's default beside their own rows;
 - ``merge_scaling``: the merge coefficient used (chosen on validation), None where not applicable.
 - ``settings``: a JSON object of everything else that defines the row (RegMean's Gram source and
   α, the damping's size and centre, ...); ``{}`` when there is nothing to add.
@@ -44,15 +48,16 @@ SWITCH_KEYS = ("lam", "anchor", "target", "alpha", "task_weights", "rounding")
 ROW_KEYS = ("merge", "method", "bits", "block", "default", "merge_scaling", *SWITCH_KEYS,
             "settings", "avg", "per_task")
 #: Row methods in display order; :data:`FLOAT_METHODS` have ``bits=None``.
-METHODS = ("fp", "epmq_unrounded", "rtn", "gptq", "awq", "epmq")
-FLOAT_METHODS = ("fp", "epmq_unrounded")
-BLOCKS = ("main", "sweep", "ablation")
+METHODS = ("fp", "epmq_unrounded", "epmq_full_unrounded", "rtn", "gptq", "awq", "epmq", "epmq_full")
+FLOAT_METHODS = ("fp", "epmq_unrounded", "epmq_full_unrounded")
+BLOCKS = ("main", "sweep", "ablation", "full")
 #: Float reference rows that belong to no merge method.
 SHARED_MERGES = ("expert", "multitask")
 MERGE_NAMES = {"expert": "FP experts", "multitask": "FP multi-task model", "ta": "Task Arithmetic",
                "ties": "TIES-Merging", "regmean": "RegMean", "average": "Averaging"}
 METHOD_NAMES = {"fp": "FP merge", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "epmq": "E-PMQ",
-                "epmq_unrounded": "E-PMQ unrounded (FP)"}
+                "epmq_unrounded": "E-PMQ unrounded (FP)", "epmq_full": "E-PMQ-full",
+                "epmq_full_unrounded": "E-PMQ-full unrounded (FP)"}
 
 
 def make_row(merge: str, method: str, per_task: Mapping[str, float], *, bits: int | None = None,
@@ -108,7 +113,9 @@ def row_label(row: Mapping[str, Any], *, with_merge: bool = False) -> str:
     label = METHOD_NAMES.get(method, method)
     if bits is not None:
         label += f" w{bits}"
-    if row.get("block", "main") != "main":
+    if row.get("block", "main") == "full":
+        label += " " + piece_label(row)
+    elif row.get("block", "main") != "main":
         label += " " + switch_label(row)
     if with_merge:
         label = f"{MERGE_NAMES.get(merge, merge)}: {label}"
@@ -131,6 +138,12 @@ def switch_label(row: Mapping[str, Any], keys: Sequence[str] = ("lam", "target",
     return " ".join(parts)
 
 
+def piece_label(row: Mapping[str, Any]) -> str:
+    """The E-PMQ-full piece of a row: ``"bias only"``, ``"every piece off"``, ``"all pieces"``."""
+    piece = (row.get("settings") or {}).get("full_piece", "all")
+    return {"all": "all pieces", "none": "every piece off"}.get(piece, f"{piece} only")
+
+
 def tasks_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Task names in first-seen order."""
     seen: dict[str, None] = {}
@@ -140,10 +153,11 @@ def tasks_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def default_row(rows: Sequence[Mapping[str, Any]], merge: str, bits: int) -> Mapping[str, Any] | None:
-    """The default E-PMQ row of (merge, bits), or None."""
+def default_row(rows: Sequence[Mapping[str, Any]], merge: str, bits: int | None,
+                method: str = "epmq") -> Mapping[str, Any] | None:
+    """The default row of ``method`` (E-PMQ unless given) at (merge, bits), or None."""
     for r in rows:
-        if r["merge"] == merge and r["bits"] == bits and r["method"] == "epmq" and r["default"]:
+        if r["merge"] == merge and r["bits"] == bits and r["method"] == method and r["default"]:
             return r
     return None
 
@@ -156,7 +170,8 @@ def table_blocks(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list
       shared float rows (:data:`SHARED_MERGES`: experts, multi-task model); one block per merge
       method (FP merge, E-PMQ unrounded, then RTN/GPTQ/AWQ/E-PMQ at each bit width, widest
       first); then per (merge, bits) the λ sweep (with the default row, by λ) and the switch
-      ablations (default row first).
+      ablations (default row first); then per (merge, bits or FP) E-PMQ-full's pieces (its
+      default row, every piece, last).
     """
     main = [r for r in rows if r["block"] == "main"]
     shared = [r for r in main if r["merge"] in SHARED_MERGES]
@@ -185,6 +200,13 @@ def table_blocks(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list
                 brows = sorted(brows, key=lambda r: r["lam"] if r["lam"] is not None else -1.0)
             bits_s = "FP" if bits is None else f"{bits} bits"
             out.append((block, f"E-PMQ {what}, {MERGE_NAMES.get(merge, merge)}, {bits_s}", brows))
+    keys = list(dict.fromkeys((r["merge"], r["bits"], r["method"]) for r in rows if r["block"] == "full"))
+    for merge, bits, method in keys:
+        brows = [r for r in rows if r["block"] == "full" and (r["merge"], r["bits"], r["method"]) == (merge, bits, method)]
+        d = default_row(rows, merge, bits, method)
+        bits_s = "unrounded (FP)" if bits is None else f"{bits} bits"
+        out.append(("full", f"E-PMQ-full pieces, {MERGE_NAMES.get(merge, merge)}, {bits_s}",
+                    [*brows, *([d] if d is not None else [])]))
     return out
 
 
@@ -192,6 +214,8 @@ def _block_label(row: Mapping[str, Any], block: str) -> str:
     """Inside a sweep/ablation block the title names merge and bits: the label is the switches."""
     if block == "main":
         return row_label(row)
+    if block == "full":
+        return piece_label(row) + (" (default)" if row["default"] else "")
     keys = ("lam",) if block == "sweep" else ("target", "anchor", "rounding", "lam")
     return switch_label(row, keys) + (" (default)" if row["default"] else "")
 

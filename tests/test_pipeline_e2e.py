@@ -30,7 +30,12 @@ def test_plan_has_every_row_of_the_table():
         cfg.calib.lam_sweep = (0.0, 0.1, 1.0)
         cfg.calib.ablations = ("target=merged", "target=mix", "anchor=weight", "rounding=rtn")
         cfg.calib.sweep_merge, cfg.calib.sweep_bits = "ta", 4
-    names = [v.name for v in pipeline.plan(cfg)]
+        cfg.calib.full.merges = ("ta", "ties")
+        cfg.calib.full.pieces = ("bias", "anchor")
+        cfg.calib.full.piece_bits = (4,)
+    plan = pipeline.plan(cfg)
+    full = [v.name for v in plan if v.method.startswith("epmq_full")]
+    names = [v.name for v in plan if not v.method.startswith("epmq_full")]
     assert names[0] == "expert_fp"
     for merge in ("ta", "ties"):
         assert f"{merge}_fp" in names and f"{merge}_epmq_unrounded" in names
@@ -44,6 +49,14 @@ def test_plan_has_every_row_of_the_table():
     assert names[-4:] == ["ta_epmq_w4_target-merged", "ta_epmq_w4_target-mix", "ta_epmq_w4_anchor-weight",
                           "ta_epmq_w4_rounding-rtn"]
     assert len(names) == len(set(names)) == 1 + 2 * (2 + 8) + (2 + 4) + 2 + 4
+    # E-PMQ-full after them: per merge its default at every width and unrounded, then every
+    # piece alone (and none) at piece_bits and unrounded
+    assert full == [f"{m}_{name}" for m in ("ta", "ties") for name in (
+        "epmq_full_w4", "epmq_full_w3", "epmq_full_unrounded",
+        *(f"epmq_full_{w}_{p}" for p in ("none", "bias", "anchor") for w in ("w4", "unrounded")))]
+    assert [v.default for v in plan if v.method.startswith("epmq_full")] == ([True] * 3 + [False] * 6) * 2
+    assert [v.piece for v in plan if v.name.startswith("ties_epmq_full")] == ["all"] * 3 + [
+        p for p in ("none", "bias", "anchor") for _ in range(2)]
     mix = [v for v in pipeline.plan(cfg) if v.tag == "target-mix"][0]
     assert mix.sw["alpha"] == cfg.calib.alpha and mix.sw["lam"] == 0.1
     assert [v for v in pipeline.plan(cfg) if v.tag == "anchor-weight"][0].sw["alpha"] is None
@@ -74,8 +87,12 @@ def test_results_shape(tiny_run):
     for r in rows:
         assert list(r["per_task"]) == tasks
         assert r["avg"] == pytest.approx(np.mean(list(r["per_task"].values())))
-    defaults = [(r["merge"], r["bits"]) for r in rows if r["default"]]
+    defaults = [(r["merge"], r["bits"]) for r in rows if r["default"] and r["method"] == "epmq"]
     assert sorted(defaults) == sorted((m, b) for m in cfg.merge.methods for b in cfg.quant.bits)
+    full = [(r["merge"], r["method"], r["bits"]) for r in rows if r["default"] and r["method"].startswith("epmq_full")]
+    assert full == [x for m in cfg.calib.full.merges
+                    for x in [*((m, "epmq_full", b) for b in cfg.quant.bits), (m, "epmq_full_unrounded", None)]]
+    assert {r["settings"]["full_piece"] for r in rows if r["block"] == "full"} == {"none", *cfg.calib.full.pieces}
     assert {"python", "jax", "flax", "numpy"} <= set(doc["versions"])
     assert {"train", "merge", "calibrate", "evaluate_validation", "evaluate_test", "total",
             "cpu_total"} <= set(doc["timings"])

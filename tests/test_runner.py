@@ -24,6 +24,7 @@ def _cfg(cache, **overrides):
         cfg.quant.methods = ("gptq", "epmq")
         cfg.calib.lam_sweep = ()
         cfg.calib.ablations = ()
+        cfg.calib.full = None      # E-PMQ-full's rows: tests/test_pipeline_e2e.py
     return cfg
 
 
@@ -81,10 +82,10 @@ def test_resume_reuses_finished_rows(cache, plain, tmp_path, monkeypatch):
     monkeypatch.setattr(runner_mod.Runner, "compute", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg, tmp_path, plots=False, log=lambda _: None)
-    assert computed == ["expert_fp", "ta_fp", "ta_epmq_unrounded"]
+    assert computed == ["expert_fp", "multitask_fp", "ta_fp"]
     monkeypatch.setattr(runner_mod.Runner, "compute", lambda self, v: (computed.append(v.name), real(self, v))[1])
     doc = pipeline.run(_cfg(cache, **{"run.resume": "true"}), tmp_path, plots=False, log=lambda _: None)
-    assert computed[3:] == ["ta_gptq_w4", "ta_epmq_w4"]          # the finished rows were not redone
+    assert computed[3:] == ["ta_epmq_unrounded", "ta_gptq_w4", "ta_epmq_w4"]   # finished rows not redone
     assert [r["per_task"] for r in doc["rows"][:3]] == [r["per_task"] for r in plain["rows"][:3]]
     assert set(doc["checkpoints"]) == {"ta_gptq_w4", "ta_epmq_w4"}
     # another config does not reuse them

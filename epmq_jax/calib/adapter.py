@@ -10,6 +10,12 @@ AWQ (``rounding="awq"``, :mod:`epmq_jax.calib.awq`) needs the optional extension
 :class:`AwqAdapter`: which operation before each group of layers absorbs the group's scale and
 which module's output judges it (:class:`AwqGroup`).
 
+E-PMQ-full (``CalibConfig(full=...)``, :mod:`epmq_jax.calib.full`, this project's extension of
+E-PMQ) needs the optional extension :class:`FullAdapter`: the norm layers of each block
+(:class:`NormSpec`), a ``run_block_full`` that also captures their normalised inputs, which
+tokens the task reads (``readout``), and optionally the model's non-block leaves as two pseudo
+blocks (``leaf_kinds``: the stem before block 0, the head after the last block).
+
 Adapters must be hashable (frozen dataclasses): the driver's compiled functions take the
 adapter as a static argument, so equal adapters share compiled code across runs.
 """
@@ -90,6 +96,64 @@ class AwqAdapter(CalibAdapter, Protocol):
         the block's input ``carry`` (for masks, position biases, encoder states)."""
 
 
+class NormSpec(NamedTuple):
+    """A norm layer E-PMQ-full calibrates (its per-channel ``scale`` and, if any, ``bias``).
+
+    Attributes:
+      path: the norm module's path relative to the block (its params are ``path/scale`` and
+        ``path/bias``); also the key of its capture in ``run_block_full``.
+      before: index of the linear group whose input it produces (the norm is calibrated just
+        before that group); ``len(linear_groups(kind))`` for a norm after every group.
+    """
+
+    path: str
+    before: int
+
+
+#: The pseudo-block kinds of the non-block leaves (:meth:`FullAdapter.leaf_kinds`).
+STEM, HEAD = "stem", "head"
+
+
+@runtime_checkable
+class FullAdapter(CalibAdapter, Protocol):
+    """The optional extension E-PMQ-full needs (all methods pure and jit-able).
+
+    Besides the blocks, an adapter may expose the model's non-block leaves as two pseudo
+    blocks of kinds :data:`STEM` (model inputs -> block 0's input) and :data:`HEAD` (the last
+    block's output -> what the task reads); their paths are relative to the params' root, their
+    ``block_params`` are the whole param tree, and ``linear_groups`` / ``full_norms`` /
+    ``run_block_full`` / ``readout`` answer for them as for a block. A stem or head kernel may
+    have more than two dimensions when its captured input is the matching flattening, e.g. a
+    patch-embedding convolution ``(p, p, C, d)`` viewed as ``(p·p·C, d)`` on flattened patches.
+    """
+
+    def full_norms(self, kind: Hashable) -> tuple[NormSpec, ...]:
+        """The block's norm layers, in execution order."""
+
+    def run_block_full(self, kind: Hashable, block_params: PyTree, carry: PyTree) -> tuple[PyTree, Captures]:
+        """As ``run_block``, and also ``captures[norm path]`` = the norm's normalised input ẑ (its
+        output with scale 1 and bias 0; shape ``(n, ..., d)``, or ``(ẑ, row weight)``) and
+        ``captures["<norm path>:input"]`` its raw input (same form). For the
+        :data:`HEAD` the first element is not used (may be None); for the :data:`STEM`,
+        ``block_params`` is the whole tree and ``carry`` the model inputs, and the first element
+        is block 0's input (``embed``'s)."""
+
+    def readout(self, kind: Hashable, path: str, carry: PyTree) -> jax.Array | None:
+        """Which rows of ``path``'s capture (a kernel or a norm) the task reads *through this
+        block*: 1/0 weights broadcastable to the capture's ``x.shape[:-1]``, or None when every
+        row's output is read (e.g. k/v, whose outputs reach every token). For a ViT's last
+        block: the class token for the layers after attention."""
+
+    def leaf_kinds(self) -> tuple[Hashable | None, Hashable | None]:
+        """``(stem kind or None, head kind or None)``: the pseudo blocks the adapter supports."""
+
+    def residuals(self, kind: Hashable) -> dict[str, str]:
+        """``{kernel path: norm path}`` for the layers whose output is added to a residual stream:
+        the stream they are added to is that norm's raw input (pre-norm blocks: ``out_proj`` ->
+        ``layer_norm1``, ``fc2`` -> ``layer_norm2``), captured by ``run_block_full`` under
+        ``"<norm path>:input"``."""
+
+
 # ----------------------------------------------------------------------------- capture helpers
 
 
@@ -138,7 +202,8 @@ def capture_linen(module, params: PyTree, *args: Any, method: str | Callable | N
     return out, captures
 
 
-def capture_nnx(graphdef, params: PyTree, fn: Callable[..., Any], *args: Any) -> tuple[Any, Captures]:
+def capture_nnx(graphdef, params: PyTree, fn: Callable[..., Any], *args: Any,
+                norms: Sequence[str] = ()) -> tuple[Any, Captures]:
     """Rebuilds an nnx module and runs ``fn(module, *args)``, recording linear layers' inputs.
 
     Every sub-module with a ``kernel`` and a ``dot_general`` attribute (``nnx.Linear``,
@@ -150,9 +215,15 @@ def capture_nnx(graphdef, params: PyTree, fn: Callable[..., Any], *args: Any) ->
       params: its state as a pure dict (``nnx.to_pure_dict(nnx.split(module)[1])``).
       fn: what to run, e.g. ``lambda m, x: m(x)``.
       *args: passed to ``fn``.
+      norms: attribute paths of norm modules (``"layer_norm1"``; ``""`` for the root) whose
+        normalised input ẑ is also recorded, keyed by the path: the module's own output with
+        its ``scale`` set to 1 and its ``bias`` (if any) to 0, so that its output is
+        ``scale * ẑ + bias`` (true of LayerNorm and RMSNorm); its raw input is recorded under
+        ``"<path>:input"``. The copy's class is swapped for a recording subclass; the original
+        module is untouched.
 
     Returns:
-      ``(fn's output, {"<attribute path>/kernel": input})``.
+      ``(fn's output, {"<attribute path>/kernel": input, norm path: ẑ, "<norm path>:input": x})``.
     """
     from flax import nnx
 
@@ -168,7 +239,29 @@ def capture_nnx(graphdef, params: PyTree, fn: Callable[..., Any], *args: Any) ->
                 return _orig(x, *a, **kw)
 
             node.dot_general = recording
+    for path in norms:
+        node = module_at(module, path)
+        node.__class__ = _norm_recorder(type(node), path, captures)
     return fn(module, *args), captures
+
+
+def _norm_recorder(cls: type, key: str, captures: Captures) -> type:
+    """A subclass of the norm class ``cls`` whose call also records its normalised input ẑ."""
+
+    def __call__(self, x, *args, **kwargs):
+        saved = {}
+        for name, unit in (("scale", jnp.ones_like), ("bias", jnp.zeros_like)):
+            var = getattr(self, name, None)
+            if var is not None:
+                saved[name] = var[...]
+                var[...] = unit(saved[name])
+        _record(captures, key, cls.__call__(self, x, *args, **kwargs))
+        _record(captures, f"{key}:input", x)
+        for name, value in saved.items():
+            getattr(self, name)[...] = value
+        return cls.__call__(self, x, *args, **kwargs)
+
+    return type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
 
 
 # ----------------------------------------------------------------------------- nnx adapter
@@ -376,14 +469,94 @@ def vit_awq_groups(hidden_act: str) -> tuple[AwqGroup, ...]:
             AwqGroup(("mlp/fc2/kernel",), *fc2_prev))
 
 
-def vit_adapter(model) -> NnxAdapter:
+_VIT_NORMS = (NormSpec("layer_norm1", 0), NormSpec("layer_norm2", 2))
+_VIT_PATCH = "embeddings/patch_embedding/kernel"
+
+
+def vit_patches(pixels: jax.Array, patch: int) -> jax.Array:
+    """NHWC pixels ``(n, H, W, C)`` -> non-overlapping patches ``(n, (H/p)·(W/p), p·p·C)``, row-major
+    over the patch grid and flattened in (h, w, c) order, so that ``patches @ K.reshape(-1, d)``
+    is the patch-embedding convolution with HWIO kernel ``K (p, p, C, d)``."""
+    n, h, w, c = pixels.shape
+    x = pixels.astype(jnp.float32).reshape(n, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTAdapter(NnxAdapter):
+    """:func:`vit_adapter`'s adapter: :class:`NnxAdapter` plus E-PMQ-full's :class:`FullAdapter`.
+
+    Norms per block: ``layer_norm1`` (before q/k/v) and ``layer_norm2`` (before fc1). The task
+    reads the class token: in a block, the rows of ``out_proj``, ``layer_norm2``, ``fc1`` and
+    ``fc2`` at token 0 (q/k/v and ``layer_norm1`` reach every token: all rows). Stem: the
+    patch-embedding convolution as a linear layer on flattened patches (no bias; the class and
+    position embeddings stay merged) and ``pre_layrnorm``; head: ``post_layernorm`` on the class
+    token and ``visual_projection`` (when the model has one).
+
+    Attributes:
+      patch_size: the patch embedding's stride and size.
+      has_projection: whether the model has a ``visual_projection``.
+    """
+
+    patch_size: int = 32
+    has_projection: bool = True
+
+    __hash__ = NnxAdapter.__hash__
+
+    def full_norms(self, kind: Hashable) -> tuple[NormSpec, ...]:
+        if kind == STEM:
+            return (NormSpec("pre_layrnorm", 1),)
+        if kind == HEAD:
+            return (NormSpec("post_layernorm", 0),)
+        return _VIT_NORMS
+
+    def linear_groups(self, kind: Hashable) -> tuple[tuple[str, ...], ...]:
+        if kind == STEM:
+            return ((_VIT_PATCH,),)
+        if kind == HEAD:
+            return (("visual_projection/kernel",),) if self.has_projection else ()
+        return self.groups
+
+    def leaf_kinds(self) -> tuple[Hashable | None, Hashable | None]:
+        return STEM, HEAD
+
+    def residuals(self, kind: Hashable) -> dict[str, str]:
+        if kind in (STEM, HEAD):
+            return {}
+        return {"self_attn/out_proj/kernel": "layer_norm1", "mlp/fc2/kernel": "layer_norm2"}
+
+    def run_block_full(self, kind: Hashable, block_params: PyTree, carry: PyTree) -> tuple[PyTree, Captures]:
+        if kind == STEM:
+            out, caps = capture_nnx(self.model_def, block_params, lambda m, x: m.embed(x), carry,
+                                    norms=("pre_layrnorm",))
+            caps[_VIT_PATCH] = vit_patches(carry, self.patch_size)
+            return out, caps
+        if kind == HEAD:
+            head = (lambda m, h: m.head(h)) if self.has_projection else (lambda m, h: m.pool(h))
+            return None, capture_nnx(self.model_def, block_params, head, carry,
+                                     norms=("post_layernorm",))[1]
+        return capture_nnx(self.block_def, block_params, lambda block, c: block(c), carry,
+                           norms=tuple(n.path for n in _VIT_NORMS))
+
+    def readout(self, kind: Hashable, path: str, carry: PyTree) -> jax.Array | None:
+        if kind in (STEM, HEAD) or path == "layer_norm1" or path in VIT_GROUPS[0]:
+            return None
+        cls = (jnp.arange(carry.shape[1]) == 0).astype(jnp.float32)
+        return jnp.broadcast_to(cls, carry.shape[:2])
+
+
+def vit_adapter(model) -> ViTAdapter:
     """The adapter for :class:`epmq_jax.models.clip.CLIPVisionModelWithProjection`.
 
     Params: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (paths like
     ``encoder/layers/3/self_attn/q_proj/kernel``); inputs: NHWC pixels ``(n, H, W, C)``; carry:
     hidden states ``(n, tokens, width)``; per block the groups q/k/v (one shared H), out_proj,
     fc1, fc2, and the AWQ groups of :func:`vit_awq_groups`. The patch embedding and the visual
-    projection are not calibrated.
+    projection are not calibrated (E-PMQ-full's ``leaves`` recalibrates them in float: see
+    :class:`ViTAdapter`).
     """
-    return NnxAdapter.from_model(model, "encoder/layers", VIT_GROUPS, embed_method="embed",
+    base = NnxAdapter.from_model(model, "encoder/layers", VIT_GROUPS, embed_method="embed",
                                  awq=vit_awq_groups(model.config.hidden_act))
+    return ViTAdapter(**{f.name: getattr(base, f.name) for f in dataclasses.fields(NnxAdapter)},
+                      patch_size=model.config.patch_size,
+                      has_projection=model.visual_projection is not None)

@@ -20,21 +20,30 @@ into ``v_proj``'s output channels, skipped with grouped-query attention (``v_pro
 outputs than ``o_proj`` inputs, as llm-awq checks); gate/up into ``post_attention_layernorm``,
 judged on the MLP output; ``down_proj``'s into ``up_proj``'s output channels
 (``act(x·gate) * (x·up)/s`` is exact).
+
+E-PMQ-full (:class:`~epmq_jax.calib.adapter.FullAdapter`): the norms ``input_layernorm`` and
+``post_attention_layernorm`` (RMSNorm, scale only), the residual writers ``o_proj`` and
+``down_proj``, a head pseudo block (``HEAD``: ``model/norm`` and, untied, ``lm_head``). What the
+task reads is the adapter's ``readout``: ``"all"`` (language modelling: every token) or
+``"last"`` (the last position, e.g. a next-token answer after left padding: in a block, the rows
+of ``o_proj``, ``post_attention_layernorm``, gate/up and ``down_proj`` there; q/k/v and
+``input_layernorm`` reach every token). Qwen3's q/k norms and the embeddings are not calibrated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from epmq_jax._tree import iter_paths
-from epmq_jax.calib.adapter import AwqGroup, Captures, capture_nnx, check_awq_groups
-from epmq_jax.models import llama
+from epmq_jax.calib.adapter import HEAD, AwqGroup, Captures, NormSpec, capture_nnx, check_awq_groups
+from epmq_jax.models import hf, llama
 
 PyTree = Any
 
@@ -53,6 +62,10 @@ DECODER_AWQ_GROUPS = (
     AwqGroup(DECODER_GROUPS[3], "mlp/up_proj", "linear"),
 )
 
+DECODER_NORMS = (NormSpec("input_layernorm", 0), NormSpec("post_attention_layernorm", 2))
+#: Layers whose rows are read at the last position only (``readout="last"``): after attention.
+_READ_LAST = ("post_attention_layernorm", "self_attn/o_proj/kernel", *DECODER_GROUPS[2], *DECODER_GROUPS[3])
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderAdapter:
@@ -65,11 +78,15 @@ class DecoderAdapter:
       config: the model's :class:`~epmq_jax.models.llama.LlamaConfig`.
       embed_def: graph definition of ``model.embed_tokens`` (for ``embed``).
       block_defs: ``(layer type, graph definition)`` of each block kind.
+      dtype: the model's parameter dtype (for the head pseudo block's rebuilt model).
+      readout: what the task reads, for E-PMQ-full's token weights: ``"all"`` or ``"last"``.
     """
 
     config: llama.LlamaConfig
     embed_def: Any
     block_defs: tuple[tuple[str, Any], ...]
+    dtype: str = "float32"
+    readout_tokens: Literal["all", "last"] = "all"
 
     def embed(self, params: PyTree, inputs: PyTree) -> PyTree:
         """``{"input_ids", "attention_mask"}`` -> the model's :meth:`embed` carry."""
@@ -90,14 +107,47 @@ class DecoderAdapter:
         return self.config.layer_types[index]
 
     def linear_groups(self, kind: Hashable) -> tuple[tuple[str, ...], ...]:
+        if kind == HEAD:
+            return () if self.config.tie_word_embeddings else (("lm_head/kernel",),)
         return DECODER_GROUPS
 
     def run_block(self, kind: Hashable, block_params: PyTree, carry: PyTree
                   ) -> tuple[PyTree, Captures]:
+        return self._run(kind, block_params, carry, ())
+
+    def _run(self, kind: Hashable, block_params: PyTree, carry: PyTree, norms: tuple[str, ...]
+             ) -> tuple[PyTree, Captures]:
         out, caps = capture_nnx(dict(self.block_defs)[kind], block_params,
-                                lambda block, c: block(c), carry)
+                                lambda block, c: block(c), carry, norms=norms)
         weight = carry["attention_mask"].astype(jnp.float32)
         return out, {path: (x, weight) for path, x in caps.items()}
+
+    # E-PMQ-full's extension (FullAdapter)
+    def full_norms(self, kind: Hashable) -> tuple[NormSpec, ...]:
+        return (NormSpec("model/norm", 0),) if kind == HEAD else DECODER_NORMS
+
+    def run_block_full(self, kind: Hashable, block_params: PyTree, carry: PyTree
+                       ) -> tuple[PyTree, Captures]:
+        if kind == HEAD:   # the final norm and the LM head
+            _, caps = capture_nnx(_model_def(self.config, self.dtype), block_params,
+                                  lambda m, h: m.head(h), carry["hidden"], norms=("model/norm",))
+            weight = carry["attention_mask"].astype(jnp.float32)
+            return None, {path: (x, weight) for path, x in caps.items()}
+        return self._run(kind, block_params, carry, tuple(n.path for n in DECODER_NORMS))
+
+    def readout(self, kind: Hashable, path: str, carry: PyTree) -> jax.Array | None:
+        if self.readout_tokens == "all" or kind == HEAD or path not in _READ_LAST:
+            return None
+        mask = carry["attention_mask"]
+        return jnp.broadcast_to(jnp.arange(mask.shape[1]) == mask.shape[1] - 1, mask.shape).astype(jnp.float32)
+
+    def residuals(self, kind: Hashable) -> dict[str, str]:
+        if kind == HEAD:
+            return {}
+        return {"self_attn/o_proj/kernel": "input_layernorm", "mlp/down_proj/kernel": "post_attention_layernorm"}
+
+    def leaf_kinds(self) -> tuple[Hashable | None, Hashable | None]:
+        return None, HEAD
 
     def awq_groups(self, kind: Hashable) -> tuple[AwqGroup, ...]:
         return DECODER_AWQ_GROUPS
@@ -112,14 +162,25 @@ class DecoderAdapter:
         return block.self_attn(x, cos, sin, mask)[0]
 
 
-def decoder_adapter(model: llama.LlamaForCausalLM) -> DecoderAdapter:
+@functools.lru_cache(maxsize=8)
+def _model_def(config: llama.LlamaConfig, dtype: str) -> Any:
+    """Graph definition of the whole model, built abstractly from the (hashable) config."""
+    return nnx.split(hf.abstract(lambda: llama.LlamaForCausalLM(config, dtype=dtype, rngs=hf.ABSTRACT_RNGS)))[0]
+
+
+def decoder_adapter(model: llama.LlamaForCausalLM, *, readout: Literal["all", "last"] = "all") -> DecoderAdapter:
     """The adapter for ``model`` and every model of the same config (merged, experts).
+
+    ``readout``: the tokens the task reads, for E-PMQ-full's token weights (``"all"`` or
+    ``"last"``, see the module docstring).
 
     Raises:
       ValueError: ``model`` is not a :class:`~epmq_jax.models.llama.LlamaForCausalLM`.
     """
     if not isinstance(model, llama.LlamaForCausalLM):
         raise ValueError(f"decoder_adapter: expected a LlamaForCausalLM, got {type(model).__name__}")
+    if readout not in ("all", "last"):
+        raise ValueError(f"decoder_adapter: readout must be 'all' or 'last', got {readout!r}")
     cfg = model.config
     first = {}
     for i, kind in enumerate(cfg.layer_types):
@@ -128,4 +189,5 @@ def decoder_adapter(model: llama.LlamaForCausalLM) -> DecoderAdapter:
         known = set(iter_paths(nnx.to_pure_dict(nnx.state(block, nnx.Param))))
         check_awq_groups(DECODER_AWQ_GROUPS, DECODER_GROUPS, known, where=f"decoder block ({kind})")
     return DecoderAdapter(cfg, nnx.split(model.model.embed_tokens)[0],
-                          tuple((kind, nnx.split(block)[0]) for kind, block in first.items()))
+                          tuple((kind, nnx.split(block)[0]) for kind, block in first.items()),
+                          jnp.dtype(model.dtype).name, readout)

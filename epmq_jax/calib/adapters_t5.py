@@ -34,6 +34,15 @@ channels (gated: ``act(x·wi_0) * (x·wi_1)/s`` is exact) or ``wi``'s for ReLU (
 homogeneous); other activations leave ``wo`` unscaled. The cross-attention's ``k``/``v`` read
 the encoder output, whose final norm is shared by every decoder block, so they get no scale.
 q and k are not clipped.
+
+E-PMQ-full (:class:`~epmq_jax.calib.adapter.FullAdapter`): the norms ``layer/i/layer_norm``
+(RMSNorm, scale only) before the self-attention, the cross-attention and the feed-forward; the
+residual writers ``o`` (self and cross) and ``wo``; a head pseudo block (``HEAD``: the decoder's
+``final_layer_norm`` and, untied, ``lm_head`` on the decoder outputs). The task reads every
+answer token (teacher-forced: the LM head scores each) and every encoder token reaches the
+decoder through cross-attention, so ``readout`` names no subset: token weights change nothing
+for T5. The encoder's final norm (carried into the decoder blocks) and the embeddings are not
+calibrated.
 """
 
 from __future__ import annotations
@@ -48,7 +57,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from epmq_jax._tree import iter_paths
-from epmq_jax.calib.adapter import AwqGroup, Captures, capture_nnx, check_awq_groups, module_at
+from epmq_jax.calib.adapter import (
+    HEAD,
+    AwqGroup,
+    Captures,
+    NormSpec,
+    capture_nnx,
+    check_awq_groups,
+    module_at,
+)
 from epmq_jax.models import hf, t5
 
 PyTree = Any
@@ -67,6 +84,23 @@ def _group_paths(config: t5.T5Config, stack: str) -> tuple[tuple[str, ...], ...]
     groups += [tuple(f"layer/{ff}/DenseReluDense/{w}/kernel" for w in wi),
                (f"layer/{ff}/DenseReluDense/wo/kernel",)]
     return tuple(groups)
+
+
+def _norms(stack: str) -> tuple[NormSpec, ...]:
+    """The block's norms and the group each precedes (see :func:`_group_paths` for the indices)."""
+    if stack == "decoder":
+        return (NormSpec("layer/0/layer_norm", 0), NormSpec("layer/1/layer_norm", 2),
+                NormSpec("layer/2/layer_norm", 5))
+    return NormSpec("layer/0/layer_norm", 0), NormSpec("layer/1/layer_norm", 2)
+
+
+def _residuals(stack: str) -> dict[str, str]:
+    out = {"layer/0/SelfAttention/o/kernel": "layer/0/layer_norm"}
+    if stack == "decoder":
+        out["layer/1/EncDecAttention/o/kernel"] = "layer/1/layer_norm"
+    ff = 2 if stack == "decoder" else 1
+    out[f"layer/{ff}/DenseReluDense/wo/kernel"] = f"layer/{ff}/layer_norm"
+    return out
 
 
 def _awq_groups(config: t5.T5Config, stack: str) -> tuple[AwqGroup, ...]:
@@ -144,6 +178,8 @@ class T5Adapter:
         return ("encoder", index == 0) if index < n_enc else ("decoder", index == n_enc)
 
     def linear_groups(self, kind: Hashable) -> tuple[tuple[str, ...], ...]:
+        if kind == HEAD:
+            return () if self.config.tie_word_embeddings else (("lm_head/kernel",),)
         return _group_paths(self.config, kind[0])
 
     def _context(self, kind: Kind, carry: PyTree) -> dict[str, Any]:
@@ -167,19 +203,49 @@ class T5Adapter:
 
     def run_block(self, kind: Hashable, block_params: PyTree, carry: PyTree
                   ) -> tuple[PyTree, Captures]:
+        return self._run(kind, block_params, carry, ())
+
+    def _run(self, kind: Kind, block_params: PyTree, carry: PyTree, norms: tuple[str, ...]
+             ) -> tuple[PyTree, Captures]:
+        """One block, capturing the kernels' inputs and the ``norms``' (see ``capture_nnx``)."""
         block_def = dict(self.block_defs)[kind]
         ctx = self._context(kind, carry)
         carry = {k: ctx[k] for k in carry}
         if kind[0] == "encoder":
             carry["enc"], caps = capture_nnx(block_def, block_params,
-                                             lambda blk, x: blk(x, ctx["bias"], ctx["mask"]), carry["enc"])
+                                             lambda blk, x: blk(x, ctx["bias"], ctx["mask"]), carry["enc"],
+                                             norms=norms)
             return carry, {p: (x, carry["enc_mask"]) for p, x in caps.items()}
         carry["dec"], caps = capture_nnx(
             block_def, block_params,
-            lambda blk, x: blk(x, ctx["bias"], ctx["mask"], ctx["enc"], ctx["cross_mask"]), carry["dec"])
+            lambda blk, x: blk(x, ctx["bias"], ctx["mask"], ctx["enc"], ctx["cross_mask"]), carry["dec"],
+            norms=norms)
         enc_side = {"layer/1/EncDecAttention/k/kernel", "layer/1/EncDecAttention/v/kernel"}
         return carry, {p: (x, carry["enc_mask"] if p in enc_side else carry["dec_mask"])
                        for p, x in caps.items()}
+
+    # E-PMQ-full's extension (FullAdapter)
+    def full_norms(self, kind: Hashable) -> tuple[NormSpec, ...]:
+        return (NormSpec("decoder/final_layer_norm", 0),) if kind == HEAD else _norms(kind[0])
+
+    def run_block_full(self, kind: Hashable, block_params: PyTree, carry: PyTree
+                       ) -> tuple[PyTree, Captures]:
+        if kind == HEAD:   # the decoder's final norm and the LM head on the decoder outputs
+            model_def = _model_def(self.config)
+            _, caps = capture_nnx(model_def, block_params,
+                                  lambda m, h: m.lm_logits(m.decoder.final_layer_norm(h)), carry["dec"],
+                                  norms=("decoder/final_layer_norm",))
+            return None, {p: (x, carry["dec_mask"]) for p, x in caps.items()}
+        return self._run(kind, block_params, carry, tuple(n.path for n in _norms(kind[0])))
+
+    def readout(self, kind: Hashable, path: str, carry: PyTree) -> jax.Array | None:
+        return None
+
+    def residuals(self, kind: Hashable) -> dict[str, str]:
+        return {} if kind == HEAD else _residuals(kind[0])
+
+    def leaf_kinds(self) -> tuple[Hashable | None, Hashable | None]:
+        return None, HEAD
 
     def awq_groups(self, kind: Hashable) -> tuple[AwqGroup, ...]:
         return _awq_groups(self.config, kind[0])

@@ -31,6 +31,11 @@ gives the single-device codes bit for bit; the statistics' cross-device sums are
 order-deterministic, so a sharded E-PMQ run equals the single-device one in quality (objective
 values), not bit for bit (see docs/adapters.md).
 
+E-PMQ-full (``CalibConfig.full``, :mod:`epmq_jax.calib.full`, this project's extension) takes
+new code paths behind that switch: per block its norms and groups (kernel and bias solved
+together), token weights, an extrapolated anchor (``base``), and the stem and head pseudo
+blocks before block 0 and after the last block; without it the driver runs as described above.
+
 Resumable: with ``checkpoint_dir`` the state is saved (orbax, atomically) after every block; a
 rerun with the same arguments replays the finished blocks' forward passes and continues,
 giving the result of an uninterrupted run.
@@ -52,6 +57,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from epmq_jax.calib import awq
+from epmq_jax.calib import full as full_mode
 from epmq_jax.calib import stats as st
 from epmq_jax.calib.adapter import CalibAdapter, get_path, key_path, set_path
 from epmq_jax.calib.objectives import Objective, target_input
@@ -95,6 +101,8 @@ class CalibConfig:
       propagate: what feeds the next block: ``quantized`` (the calibrated block, GPTQ / E-PMQ's
         sequential mode) or ``float`` (the merged block, as the AWQ reference does). Default:
         ``float`` for AWQ, else ``quantized``.
+      full: E-PMQ-full's switches (:class:`~epmq_jax.calib.full.FullConfig`; objective ``epmq``,
+        rounding ``gptq``, ``rtn`` or ``none``), or None (E-PMQ and the other methods as they are).
     """
 
     objective: Objective = Objective()
@@ -111,6 +119,7 @@ class CalibConfig:
     awq_clip: bool = True
     batch_size: int = 256
     propagate: Literal["quantized", "float"] | None = None
+    full: full_mode.FullConfig | None = None
 
     def __post_init__(self):
         if self.rounder not in ROUNDINGS:
@@ -131,6 +140,9 @@ class CalibConfig:
                              f"objective kind 'gptq', got {self.objective.kind!r}")
         if self.propagate not in (None, "quantized", "float"):
             raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        if self.full is not None and not isinstance(self.full, full_mode.FullConfig):
+            raise ValueError(f"full must be an epmq_jax.calib.full.FullConfig or None, got "
+                             f"{type(self.full).__name__}")
 
     @property
     def rounder(self) -> str:
@@ -232,6 +244,10 @@ def _rows_weight(cap: Any, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x, jnp.broadcast_to(w, x.shape[:-1])
 
 
+def _run_block(adapter, kind, block_params, carry):
+    return adapter.run_block(kind, block_params, carry)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _embed_all(adapter, params, inputs):
     """Block 0's input carry of every batch: leaves ``(N', batch_size, ...)``."""
@@ -244,12 +260,13 @@ def _advance_all(adapter, kind, block_params, carry):
     return jax.lax.map(lambda c: adapter.run_block(kind, block_params, c)[0], carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _expert_pass(adapter, kind, capture, expert_block, carry):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("full",))
+def _expert_pass(adapter, kind, capture, expert_block, carry, full=False):
     """A task's batches through its expert's block: ``(carry out, {path: input (n_batches, ...)})``
-    for the kernel paths in ``capture`` (one per group)."""
+    for the kernel paths in ``capture`` (one per group; with ``full``, through E-PMQ-full's
+    :func:`~epmq_jax.calib.full.run_block`, whose captures also hold the norms' inputs)."""
     def one(c):
-        out, caps = adapter.run_block(kind, expert_block, c)
+        out, caps = (full_mode.run_block if full else _run_block)(adapter, kind, expert_block, c)
         return out, {p: caps[p][0] if isinstance(caps[p], tuple) else caps[p] for p in capture}
 
     return jax.lax.map(one, carry)
@@ -358,7 +375,7 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
               config: CalibConfig = CalibConfig(), *, experts: Sequence[PyTree] | None = None,
               mesh: jax.sharding.Mesh | None = None, axis: str | None = None,
               checkpoint_dir: str | None = None, progress: bool = False,
-              on_block: Callable[[int], None] | None = None) -> CalibResult:
+              on_block: Callable[[int], None] | None = None, base: PyTree | None = None) -> CalibResult:
     """Calibrates every linear layer the adapter names, block by block (see the module docstring).
 
     Args:
@@ -377,6 +394,8 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
       progress: show a progress bar over blocks.
       on_block: called with the block index after each block is finished (calibrated, its
         outputs computed and checkpointed), e.g. for timing or logging.
+      base: the pretrained params (same structure as ``params``), needed only by E-PMQ-full's
+        extrapolated anchor (``config.full.rho != 1``).
 
     Every block forward (the model's own layers, for the captures and the next block's inputs)
     runs at ``Precision.HIGHEST`` (``jax.default_matmul_precision("highest")``), as the
@@ -394,11 +413,11 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
     """
     with jax.default_matmul_precision("highest"):
         return _calibrate(adapter, params, task_inputs, config, experts=experts, mesh=mesh, axis=axis,
-                          checkpoint_dir=checkpoint_dir, progress=progress, on_block=on_block)
+                          checkpoint_dir=checkpoint_dir, progress=progress, on_block=on_block, base=base)
 
 
 def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, checkpoint_dir, progress,
-               on_block) -> CalibResult:
+               on_block, base=None) -> CalibResult:
     obj = config.objective
     T = len(task_inputs)
     if T == 0:
@@ -410,6 +429,9 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     else:
         experts = None
     axis = _check_mesh(mesh, axis)
+    full = config.full
+    if full is not None:
+        full_mode.check(config, adapter, params, base)
     _check_inputs(params, experts, task_inputs)
     bs = config.batch_size
     sharding = None
@@ -426,8 +448,10 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     if checkpoint_dir is not None:
         from epmq_jax.calib._resume import BlockCheckpointer, fingerprint
 
-        run_id = fingerprint(config, type(adapter).__qualname__,
-                             trees=(params, list(task_inputs), list(experts or [])))
+        trees = (params, list(task_inputs), list(experts or []))
+        if full is not None and full.rho != 1.0:
+            trees += (base,)
+        run_id = fingerprint(config, type(adapter).__qualname__, trees=trees)
         ckpt = BlockCheckpointer(checkpoint_dir, run_id)
         state = ckpt.restore()
         if state is not None:
@@ -435,13 +459,22 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
 
     batches = [_batches(x, bs, f"task_inputs[{t}]", sharding) for t, x in enumerate(task_inputs)]
     masks = [m for _, m in batches]
-    q_carry = [_embed_all(adapter, params, b) for b, _ in batches]
+    kernels: dict[str, Any] = dict(restored)
+    stem, head = full_mode.leaf_kinds(adapter, full)
+    embed_params = params
+    if stem is not None:       # E-PMQ-full: the stem before block 0 (restored when resuming)
+        if done == 0:
+            embed_params, stem_stats = _full_leaves(adapter, stem, params, base, experts,
+                                                    [b for b, _ in batches], masks, config, kernels)
+            stats += stem_stats
+        else:
+            embed_params = full_mode.replay(params, (), {f"/{p}": v for p, v in kernels.items()})
+    q_carry = [_embed_all(adapter, embed_params, b) for b, _ in batches]
     e_carry = None
     if obj.needs_expert_inputs:
         e_carry = [_embed_all(adapter, experts[t], b) for t, (b, _) in enumerate(batches)]
     del batches
 
-    kernels: dict[str, Any] = dict(restored)
     bar = range(len(blocks))
     if progress:
         from tqdm.auto import tqdm
@@ -457,10 +490,23 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         x_expert = [{}] * T
         if e_carry is not None:      # one pass per task through its expert's block
             capture = tuple(g[0] for g in groups)   # also when replaying: the same program
-            passes = [_expert_pass(adapter, kind, capture, expert_blocks[t], e_carry[t])
+            if full is not None:
+                capture += _norm_paths(adapter, kind, full)
+            passes = [_expert_pass(adapter, kind, capture, expert_blocks[t], e_carry[t], full=full is not None)
                       for t in range(T)]
             e_carry, x_expert = [c for c, _ in passes], [x for _, x in passes]
         block, pending = merged_block, []
+        if full is not None:         # E-PMQ-full: norms and groups of the block (full.calibrate_block)
+            weighted = full.tokens and k >= len(blocks) - full.token_reach
+            if k < done:
+                block = full_mode.replay(block, bpath, kernels)
+            else:
+                anchor = full_mode.anchor_tree(merged_block, None if base is None else get_path(base, bpath),
+                                               full.rho)
+                block, pending = full_mode.calibrate_block(
+                    adapter, kind, block, anchor, expert_blocks, q_carry, x_expert, masks, config, where,
+                    weighted=weighted)
+            groups = ()
         if config.rounder == "awq":    # whole blocks: shared scales folded into the ops before them
             if k >= done:
                 changed, block_stats = awq.calibrate_block(
@@ -486,7 +532,8 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         out_block = merged_block if config.propagate_float else block
         q_carry = [_advance_all(adapter, kind, out_block, c) for c in q_carry]
         if pending:
-            stats += _finish_block(pending, k, config, bpath, kernels)
+            stats += (full_mode.finish_block(pending, k, config, bpath, kernels, weighted) if full is not None
+                      else _finish_block(pending, k, config, bpath, kernels))
             block_time = time.perf_counter() - t0
             for s in stats[-len(pending):]:
                 s["block_time_s"] = block_time
@@ -495,10 +542,47 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         if on_block is not None:
             jax.block_until_ready(q_carry)
             on_block(k)
+    if head is not None:       # E-PMQ-full: the head after the last block
+        stats += _full_leaves(adapter, head, embed_params, base, experts, q_carry, masks, config, kernels,
+                              e_carry)[1]
     out_params = params
-    for full, q in kernels.items():
-        out_params = set_path(out_params, key_path(full), q)
+    for path, q in kernels.items():
+        out_params = set_path(out_params, key_path(path), q)
     return CalibResult(out_params, stats)
+
+
+def _norm_paths(adapter, kind, full) -> tuple[str, ...]:
+    """The extra captures E-PMQ-full's expert passes keep: the norms' ẑ, the residual streams."""
+    paths = tuple(n.path for n in adapter.full_norms(kind)) if full.norms else ()
+    return paths + tuple(f"{n}:input" for _, n in full_mode.residual_pairs(adapter, kind, full))
+
+
+def _full_leaves(adapter, kind, params, base, experts, carries, masks, config: CalibConfig, kernels: dict,
+                 e_carry=None) -> tuple[Any, list[dict]]:
+    """E-PMQ-full on a stem or head pseudo block (whole param trees, float solves).
+
+    ``carries``: per task the stacked model inputs (stem) or last-block outputs (head); the
+    expert side runs the same inputs (stem) or ``e_carry`` (head) through each expert.
+
+    Returns:
+      ``(params with the pseudo block's leaves calibrated, statistics)``; the leaves are also
+      recorded in ``kernels``.
+    """
+    t0 = time.perf_counter()
+    full = config.full
+    capture = tuple(g[0] for g in adapter.linear_groups(kind)) + _norm_paths(adapter, kind, full)
+    x_expert = [{}] * len(carries)
+    if config.objective.needs_expert_inputs and capture:
+        sources = carries if e_carry is None else e_carry
+        x_expert = [_expert_pass(adapter, kind, capture, experts[t], sources[t], full=True)[1]
+                    for t in range(len(carries))]
+    anchor = full_mode.anchor_tree(params, base, full.rho)
+    out, pending = full_mode.calibrate_block(adapter, kind, params, anchor, experts, carries, x_expert, masks,
+                                             config, kind, weighted=False, float_only=True)
+    stats = full_mode.finish_block(pending, kind, config, (), kernels, False)
+    for s in stats:
+        s["block_time_s"] = time.perf_counter() - t0
+    return out, stats
 
 
 def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) -> list[dict]:

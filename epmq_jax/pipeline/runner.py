@@ -10,6 +10,8 @@ model's structure before any work, then computes every row of :func:`~epmq_jax.p
    merge, E-PMQ unrounded (the relaxation W* kept in float) and every quantizer at every bit
    width, each calibrated by the sequential driver from the same per-task calibration inputs;
 3. the E-PMQ anchor-strength sweep and switch ablations;
+4. E-PMQ-full's rows (``calib.full``): per merge its settings chosen on the selection split
+   (:func:`~epmq_jax.pipeline.stages.select_full`), then the default rows and each piece alone;
 
 scores each on the task pool's reported split, and writes into ``WORKDIR``: results.json / .md /
 .csv (:mod:`epmq_jax.report`), ``solver_stats/<variant>.json``, the plots, and packed checkpoints
@@ -39,7 +41,7 @@ from epmq_jax.pipeline import stages, validate
 from epmq_jax.pipeline.checkpoints import config_dict, save_checkpoint
 from epmq_jax.pipeline.kinds import build_pools
 from epmq_jax.pipeline.pools import Context, Log, ModelPool, Params, TaskPool, say, scores
-from epmq_jax.pipeline.variants import Variant, epmq_switches, plan
+from epmq_jax.pipeline.variants import FULL_METHODS, Variant, epmq_switches, plan
 
 
 def _cpu_seconds() -> float:
@@ -88,6 +90,7 @@ class Runner:
         self.ctx, self.mp, self.tp = ctx, model_pool, task_pool
         self.resume_root = resume_root
         self._merges: dict[str, stages.Merge] = {}
+        self._full: dict[str, stages.FullChoice] = {}
         self._calib_inputs: list[Any] | None = None
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -102,6 +105,19 @@ class Runner:
             self._merges[method] = stages.merge_method(self.ctx, self.mp, self.tp, method, self.calib_inputs)
         return self._merges[method]
 
+    def full_choice(self, merge: str) -> stages.FullChoice:
+        """E-PMQ-full's settings for ``merge``, chosen on validation once (:func:`stages.select_full`)."""
+        if merge not in self._full:
+            self._full[merge] = stages.select_full(self.ctx, self.mp, self.tp, merge, self.merged(merge).params,
+                                                   self.calib_inputs())
+        return self._full[merge]
+
+    def resolve(self, v: Variant) -> Variant:
+        """The variant as computed: E-PMQ-full rows get their chosen λ (other variants unchanged)."""
+        if v.method in FULL_METHODS:
+            return stages.with_full_choice(self.ctx.cfg, v, self.full_choice(v.merge))
+        return v
+
     def compute(self, v: Variant) -> tuple[Any, list[dict] | None, float | None, dict[str, Any]]:
         """``(params, solver stats or None, merge coefficient, row settings)`` of a variant."""
         if v.merge == "expert":
@@ -112,8 +128,9 @@ class Runner:
         if v.method == "fp":
             return m.params, None, m.scaling, dict(m.settings)
         resume = None if self.resume_root is None else str(self.resume_root / v.name)
+        full = self.full_choice(v.merge) if v.method in FULL_METHODS else None
         params, stats, damping = stages.calibrate_variant(self.ctx, self.mp, v, m.params,
-                                                           self.calib_inputs(), resume)
+                                                           self.calib_inputs(), resume, full=full)
         return params, stats, m.scaling, {**m.settings, **damping}
 
     def row(self, v: Variant, params: Any, scaling: float | None, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,6 +186,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
                 checkpoints[v.name] = done[v.name]["checkpoint"]
             log(f"[epmq] {v.name:<32} avg {rows[-1]['avg']:.1f} (finished earlier)")
             continue
+        v = runner.resolve(v)
         params, stats, scaling, settings = runner.compute(v)
         if stats is not None:
             (stats_dir / f"{v.name}.json").write_text(json.dumps(stats, indent=1))
@@ -194,7 +212,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
              "pools": {"model": model_pool.kind, "task": task_pool.kind},
              "merges": {k: {"scaling": m.scaling, "settings": m.settings,
                             "validation": {str(c): s for c, s in m.validation.items()}}
-                        for k, m in runner._merges.items()}}
+                        for k, m in runner._merges.items()},
+             "full_selection": {k: {"chosen": c.settings(), "validation": c.validation}
+                                for k, c in runner._full.items()}}
     report.write_json(ctx.workdir / "results.json", rows, config=config_dict(cfg), timings=dict(ctx.timings),
                       extra=extra)
     doc = report.read_json(ctx.workdir / "results.json")

@@ -7,6 +7,7 @@ numbers; none of them knows the model family.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from epmq_jax.pipeline.pools import Context, Log, ModelPool, Params, TaskPool, say, scores
-from epmq_jax.pipeline.variants import Variant
+from epmq_jax.pipeline.variants import FULL_METHODS, Variant
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -194,25 +195,37 @@ def quant_spec(cfg: ml_collections.ConfigDict, bits: int):
     return QuantSpec(bits=int(bits), group_size=int(cfg.quant.group_size), symmetric=bool(cfg.quant.symmetric))
 
 
-def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]:
+def calib_config(cfg: ml_collections.ConfigDict, v: Variant, full: FullChoice | None = None
+                 ) -> tuple[Any, bool]:
     """The driver config (:class:`epmq_jax.calib.CalibConfig`) of a variant and whether it needs the experts.
 
     - ``rtn`` / ``gptq``: the ``gptq`` objective (targets from the merged layer, W* = W_m),
       rounded by RTN or GPTQ;
     - ``awq``: the ``gptq`` objective with AWQ rounding (llm-awq: :mod:`epmq_jax.calib.awq`);
     - ``epmq`` / ``epmq_unrounded``: the E-PMQ objective with the variant's switches, rounded by
-      its ``rounding`` (``none`` keeps W*).
+      its ``rounding`` (``none`` keeps W*);
+    - ``epmq_full`` / ``epmq_full_unrounded``: the same objective (λ from the variant's switches,
+      the chosen one) with ``full``'s E-PMQ-full switches for the variant's piece
+      (:func:`epmq_jax.calib.full.piece_config`) and its solve damping; GPTQ's damping stays
+      ``quant.damp``.
 
     Returns:
       ``(config, needs_experts)``: ``needs_experts`` is False only for the ``gptq`` objective.
     """
     from epmq_jax import calib
+    from epmq_jax.calib.full import piece_config
 
     ccfg = cfg.calib
     bits = v.bits if v.bits is not None else int(cfg.quant.bits[0])  # spec unused when unrounded
+    extra: dict[str, Any] = {}
+    if v.method in FULL_METHODS:
+        if full is None:
+            raise ValueError(f"variant {v.name}: E-PMQ-full needs its chosen settings (stages.select_full)")
+        extra = {"full": piece_config(v.piece, full.full), "damp": full.damp,
+                 "gptq_damp": float(cfg.quant.damp)}
     if v.method in ("rtn", "gptq", "awq"):
         objective, rounding = calib.Objective(kind="gptq"), v.method
-    elif v.method in ("epmq", "epmq_unrounded"):
+    elif v.method in ("epmq", "epmq_unrounded", *FULL_METHODS):
         sw = v.sw
         objective = calib.Objective(kind="epmq", lam=sw["lam"], anchor=sw["anchor"], target=sw["target"],
                                     alpha=sw["alpha"] if sw["alpha"] is not None else float(ccfg.alpha),
@@ -220,9 +233,9 @@ def calib_config(cfg: ml_collections.ConfigDict, v: Variant) -> tuple[Any, bool]
         rounding = sw["rounding"]
     else:
         raise ValueError(f"variant {v.name}: method {v.method!r} is not calibrated")
-    config = calib.CalibConfig(objective=objective, rounding=rounding, spec=quant_spec(cfg, bits),
-                               damp=float(cfg.quant.damp), damp_center=ccfg.get("damp_center", "merged"),
-                               batch_size=int(ccfg.batch_size))
+    config = calib.CalibConfig(**{"objective": objective, "rounding": rounding, "spec": quant_spec(cfg, bits),
+                                  "damp": float(cfg.quant.damp), "damp_center": ccfg.get("damp_center", "merged"),
+                                  "batch_size": int(ccfg.batch_size), **extra})
     return config, objective.kind != "gptq"
 
 
@@ -236,24 +249,131 @@ def damping_settings(config: Any) -> dict[str, Any]:
 
 
 def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Params,
-                      calib_inputs: list[Any], resume_dir: str | None = None
+                      calib_inputs: list[Any], resume_dir: str | None = None,
+                      full: FullChoice | None = None, timer: str = "calibrate"
                       ) -> tuple[Params, list[dict], dict[str, Any]]:
     """Runs the sequential driver for one variant (:func:`calib_config`) from the float model ``start``.
 
-    With ``resume_dir`` the driver checkpoints every block there and resumes from it.
+    With ``resume_dir`` the driver checkpoints every block there and resumes from it. E-PMQ-full
+    variants need ``full`` (:func:`select_full`); the base model is passed for its anchor.
 
     Returns:
       ``(params, stats, settings)``: ``start`` with every calibrated kernel replaced
       (``QuantizedWeight``, or float for unrounded variants), the per-layer solver statistics and
-      the damping the row records (:func:`damping_settings`).
+      the settings the row records: the damping (:func:`damping_settings`) and, for E-PMQ-full,
+      its switches and piece.
     """
     from epmq_jax import calib
 
-    config, needs_experts = calib_config(ctx.cfg, v)
-    with ctx.timed("calibrate"):
+    config, needs_experts = calib_config(ctx.cfg, v, full)
+    base = None
+    if config.full is not None and config.full.rho != 1.0:
+        base = ctx.replicate(model_pool.base())
+    with ctx.timed(timer):
         result = calib.calibrate(model_pool.adapter(), ctx.replicate(start), calib_inputs, config,
                                  experts=ctx.replicate(model_pool.experts()) if needs_experts else None,
                                  mesh=ctx.mesh, axis=ctx.axis,
                                  checkpoint_dir=resume_dir,
-                                 progress=ctx.progress)
-    return result.params, result.stats, damping_settings(config)
+                                 progress=ctx.progress, base=base)
+    settings = damping_settings(config)
+    if config.full is not None:
+        settings.update(config.full.settings(), full_piece=v.piece)
+    return result.params, result.stats, settings
+
+
+# ----------------------------------------------------------------------------- E-PMQ-full's settings
+
+
+#: Keys of ``calib.full.settings`` / ``calib.full.grid``: the FullConfig switches, λ and the solve's damping.
+FULL_KEYS = ("bias", "norms", "token_reach", "token_rest", "rho", "leaves", "residual", "lam", "damp")
+
+
+@dataclasses.dataclass(frozen=True)
+class FullChoice:
+    """E-PMQ-full's settings for one merge, chosen on validation.
+
+    Attributes:
+      full: the :class:`~epmq_jax.calib.full.FullConfig` of the default row (every piece).
+      lam: the anchor strength λ.
+      damp: the solve's damping δ.
+      validation: ``{candidate label: validation average}`` of the selection (empty when fixed).
+    """
+
+    full: Any
+    lam: float
+    damp: float
+    validation: dict[str, float]
+
+    def settings(self) -> dict[str, Any]:
+        """What the selection chose (JSON-able)."""
+        return {**self.full.settings(), "lam": self.lam, "damp": self.damp}
+
+
+def full_candidates(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Every setting of the grid: ``calib.full.settings`` (λ and δ default to ``calib.lam`` and
+    ``quant.damp``) with each combination of ``calib.full.grid`` applied, in grid order."""
+    fcfg = cfg.calib.full
+    fixed = dict(fcfg.settings)
+    fixed.setdefault("lam", float(cfg.calib.lam))
+    fixed.setdefault("damp", float(cfg.quant.damp))
+    grid = dict(fcfg.get("grid") or {})
+    keys = list(grid)
+    return [{**fixed, **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _full_choice(setting: Mapping[str, Any], validation: dict[str, float]) -> FullChoice:
+    from epmq_jax.calib.full import FullConfig
+
+    s = dict(setting)
+    lam, damp = float(s.pop("lam")), float(s.pop("damp"))
+    s = {k: (float(v) if k in ("rho", "token_rest") else v) for k, v in s.items()}
+    return FullChoice(FullConfig(**s), lam, damp, validation)
+
+
+def _label(setting: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ",".join(f"{k}={setting[k]:g}" if isinstance(setting[k], float) else f"{k}={setting[k]}"
+                    for k in keys) or "fixed"
+
+
+def select_full(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, merge: str, start: Params,
+                calib_inputs: list[Any]) -> FullChoice:
+    """E-PMQ-full's settings for ``merge``: the best of :func:`full_candidates` on the selection split.
+
+    Each candidate (every piece per ``calib.full.settings``, the grid's values applied) is
+    calibrated at ``calib.full.select_bits`` bits from the merge ``start`` and scored on
+    ``task_pool.select_split``; the best average wins (ties: the earlier candidate). A grid of one
+    candidate is taken as it is, without scoring.
+
+    Raises:
+      ValueError: the grid has several candidates but the task pool no selection split.
+    """
+    cfg = ctx.cfg
+    fcfg = cfg.calib.full
+    candidates = full_candidates(cfg)
+    keys = list(fcfg.get("grid") or {})
+    if len(candidates) == 1:
+        return _full_choice(candidates[0], {})
+    if task_pool.select_split is None:
+        raise ValueError(f"calib.full.grid has {len(candidates)} candidates, but task pool "
+                         f"'{task_pool.kind}' has no split to choose them on; give one value per key")
+    bits = int(fcfg.select_bits)
+    results = {}
+    for setting in candidates:
+        choice = _full_choice(setting, {})
+        v = with_full_choice(cfg, Variant(merge, "epmq_full", bits), choice)
+        params, _, _ = calibrate_variant(ctx, model_pool, v, start, calib_inputs, full=choice,
+                                         timer="select_full")
+        results[_label(setting, keys)] = float(np.mean(list(scores(score(task_pool, ctx, params,
+                                                                          task_pool.select_split)).values())))
+    best = max(range(len(candidates)), key=lambda i: (results[_label(candidates[i], keys)], -i))
+    ctx.log(f"[epmq] {merge}: E-PMQ-full settings {_label(candidates[best], keys)} chosen on validation at "
+            f"{bits} bits ({', '.join(f'{k}: {v:.1f}' for k, v in results.items())})")
+    return _full_choice(candidates[best], results)
+
+
+def with_full_choice(cfg: ml_collections.ConfigDict, v: Variant, choice: FullChoice) -> Variant:
+    """An E-PMQ-full variant with its switches resolved: the config's E-PMQ switches, the chosen λ."""
+    from epmq_jax.pipeline.variants import epmq_switches
+
+    rounding = cfg.calib.rounding if v.bits is not None else "none"
+    return dataclasses.replace(v, switches=epmq_switches(cfg.calib, lam=float(choice.lam), rounding=rounding))

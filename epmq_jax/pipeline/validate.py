@@ -146,12 +146,51 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         _need("epmq" in q.methods, "quant.methods", q.methods, "to include 'epmq' when calib.lam_sweep or "
               "calib.ablations ask for E-PMQ rows")
 
+    if c.get("full"):
+        _check_full(c.full, merges, bits)
+
     _need(isinstance(e.batch_size, int) and e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
     if e.get("limit") is not None:
         _need(isinstance(e.limit, int) and e.limit >= 1, "eval.limit", e.limit, "an integer >= 1 (or None)")
     mesh = r.get("mesh") or ""
     _need(isinstance(mesh, str) and (mesh in ("", "auto") or re.fullmatch(r"\w+:\d+", mesh) is not None),
           "run.mesh", mesh, "'', 'auto' or 'NAME:SIZE' (e.g. 'data:8')")
+
+
+def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
+    """``calib.full``: E-PMQ-full's merges, pieces, fixed settings and selection grid."""
+    from epmq_jax.calib.full import PIECES, FullConfig
+    from epmq_jax.pipeline.stages import FULL_KEYS
+
+    fm = _choice_list("calib.full.merges", f.merges, MERGES)
+    _need(set(fm) <= set(merges), "calib.full.merges", f.merges, f"merges among merge.methods {tuple(merges)}")
+    _choice_list("calib.full.pieces", f.pieces, PIECES, allow_empty=True)
+    _need(f.select_bits in bits, "calib.full.select_bits", f.select_bits, f"one of quant.bits {tuple(bits)}")
+    if f.get("piece_bits") is not None:
+        _need(isinstance(f.piece_bits, list | tuple) and set(f.piece_bits) <= set(bits), "calib.full.piece_bits",
+              f.piece_bits, f"bit widths among quant.bits {tuple(bits)}")
+    settings, grid = dict(f.settings), dict(f.get("grid") or {})
+    for key, value in [*settings.items(), *grid.items()]:
+        _need(key in FULL_KEYS, f"calib.full.settings.{key}" if key in settings else f"calib.full.grid.{key}",
+              value, f"a key among {', '.join(FULL_KEYS)}")
+    for key, values in grid.items():
+        _need(isinstance(values, list | tuple) and len(values) > 0, f"calib.full.grid.{key}", values,
+              "a non-empty list of candidates")
+    for key in ("lam", "damp"):
+        for v in [*([settings[key]] if key in settings else []), *grid.get(key, [])]:
+            _need(_number(v) and v >= 0, f"calib.full.{key}", v, "finite numbers >= 0")
+    first = {k: v for k, v in settings.items() if k not in ("lam", "damp")}
+    first.update({k: vs[0] for k, vs in grid.items() if k not in ("lam", "damp")})
+    for key, values in grid.items():
+        for v in values if key not in ("lam", "damp") else ():
+            try:
+                FullConfig(**{**first, key: float(v) if key in ("rho", "token_rest") else v})
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"--config.calib.full.grid.{key}={values!r}: {err}") from None
+    try:
+        FullConfig(**{k: float(v) if k in ("rho", "token_rest") else v for k, v in first.items()})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config.calib.full.settings={settings!r}: {err}") from None
 
 
 def calibrated_kernels(adapter: Any, params: Any) -> list[tuple[str, tuple[int, ...]]]:

@@ -4,7 +4,9 @@
 the float references (FP experts, and the multi-task model where the model pool has one), then
 per merge method (``merge.methods``: ``ta``, ``ties``, ``regmean``) the FP merge, E-PMQ
 unrounded and every quantizer at every bit width, then the E-PMQ anchor-strength sweep and the
-switch ablations. Nothing here touches models or data.
+switch ablations, then E-PMQ-full's rows (``calib.full``: this project's extension, its
+settings chosen on validation by :func:`epmq_jax.pipeline.stages.select_full`, each piece alone
+and all together). Nothing here touches models or data.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ SWITCHES = ("lam", "anchor", "target", "alpha", "task_weights", "rounding")
 MERGES = ("ta", "ties", "regmean")
 #: Quantizers (rows with ``bits``).
 QUANTIZERS = ("rtn", "gptq", "awq", "epmq")
+#: E-PMQ-full's row methods (rounded, unrounded).
+FULL_METHODS = ("epmq_full", "epmq_full_unrounded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +32,10 @@ class Variant:
 
     Attributes:
       merge, method, bits, block, default: as in the row schema of :mod:`epmq_jax.report`.
-      tag: what tells a sweep / ablation row apart (``"lam1"``, ``"target-mix"``), else ``""``.
-      switches: the E-PMQ switches as sorted ``(key, value)`` pairs (empty for other methods).
+      tag: what tells a sweep / ablation row apart (``"lam1"``, ``"target-mix"``; the piece of
+        an E-PMQ-full ``full`` block row, ``"bias"``), else ``""``.
+      switches: the E-PMQ switches as sorted ``(key, value)`` pairs (empty for other methods;
+        E-PMQ-full's λ is the validation-chosen one, filled in by the runner).
     """
 
     merge: str
@@ -49,6 +55,11 @@ class Variant:
     @property
     def sw(self) -> dict[str, Any]:
         return dict(self.switches)
+
+    @property
+    def piece(self) -> str:
+        """The E-PMQ-full piece of the row: its tag in the ``full`` block, ``"all"`` in ``main``."""
+        return self.tag if self.block == "full" else "all"
 
     @property
     def calibrated(self) -> bool:
@@ -111,7 +122,11 @@ def plan(cfg: ml_collections.ConfigDict, *, has_multitask: bool = False) -> list
     E-PMQ unrounded (if ``calib.unrounded``, default on), then per bit width each quantizer of
     :func:`methods_for` (E-PMQ is the default row); then, for ``calib.sweep_merge`` at
     ``calib.sweep_bits``, the λ sweep (``calib.lam_sweep`` minus the default λ) and the ablations
-    (``calib.ablations``).
+    (``calib.ablations``); then, when ``calib.full`` is set, per merge of ``calib.full.merges``
+    the E-PMQ-full rows: in ``main`` the default (validation-chosen settings, every piece) at
+    each bit width and unrounded, and in the ``full`` block every piece of ``calib.full.pieces``
+    alone plus ``none`` (every piece off: E-PMQ with the chosen λ and damping) at each bit
+    width of ``calib.full.piece_bits`` (default ``quant.bits``) and unrounded.
     """
     calib, quant = cfg.calib, cfg.quant
     out = [Variant("expert", "fp")]
@@ -136,4 +151,19 @@ def plan(cfg: ml_collections.ConfigDict, *, has_multitask: bool = False) -> list
             changes = parse_ablation(text)
             out.append(Variant(**sweep, block="ablation", tag=_tag(changes),
                                switches=epmq_switches(calib, **changes)))
+    full = calib.get("full")
+    if full:
+        widths = [*(int(b) for b in quant.bits), None]
+        piece_widths = [*(int(b) for b in full.get("piece_bits") or quant.bits), None]
+        for merge in full.merges:
+            for bits in widths:
+                out.append(_full_variant(calib, merge, bits, block="main", default=True))
+            for piece in ("none", *full.pieces):
+                for bits in piece_widths:
+                    out.append(_full_variant(calib, merge, bits, block="full", tag=piece))
     return out
+
+
+def _full_variant(calib: ml_collections.ConfigDict, merge: str, bits: int | None, **kw: Any) -> Variant:
+    method, rounding = ("epmq_full", calib.rounding) if bits is not None else ("epmq_full_unrounded", "none")
+    return Variant(merge, method, bits, switches=epmq_switches(calib, rounding=rounding), **kw)
