@@ -24,12 +24,16 @@ every variant (λ, damping, bits) reuses the compiled code: compilation is paid 
 distinct shape. Batches are padded to a fixed size (padding rows masked out) for the same reason.
 
 Sharding: with a ``mesh``, the calibration batches are split over the mesh axis along the
-sample axis (the jitted statistics reduce across devices) and each layer's solve and rounding
-run with the kernel and B split over output channels (H replicated). Nothing sharded is
-gathered to a host: only per-layer scalar statistics are fetched. GPTQ on a column-split kernel
-gives the single-device codes bit for bit; the statistics' cross-device sums are not
-order-deterministic, so a sharded E-PMQ run equals the single-device one in quality (objective
-values), not bit for bit (see docs/adapters.md).
+sample axis, each block's parameters, the statistics B and each layer's solve and rounding over
+output channels (H whole, or split over rows: ``h_rows_from``). Partial sums across devices are
+added in a fixed device order (:mod:`epmq_jax.calib._placement`), so the same mesh gives the
+same bits in one process or several (``jax.distributed``); that order is not a single device's,
+so a sharded run equals the single-device one in quality (objective values), not bit for bit
+(see docs/adapters.md). Only per-layer scalar statistics are fetched to the host.
+
+At LLM size: ``experts`` may be streamed from disk (:mod:`epmq_jax.models.streamed`; expert t's
+block k is read when block k is reached), and ``activation_budget`` keeps the activations in
+host memory for blocks where they exceed it (docs/scale.md).
 
 E-PMQ-full (``CalibConfig.full``, :mod:`epmq_jax.calib.full`, this project's extension) takes
 new code paths behind that switch: per block its norms and groups (kernel and bias solved
