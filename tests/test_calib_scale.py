@@ -153,6 +153,19 @@ def test_regmean_with_streamed_experts_equals_in_memory(llamas):
         np.testing.assert_array_equal(fa[p], fb[p], err_msg=p)
 
 
+def test_regmean_refuses_experts_unlike_base_before_any_work(llamas, monkeypatch):
+    d, model, params, _ = llamas
+    lazy = llama.experts_from_pretrained([d / "e0"], like=params)
+    monkeypatch.setattr("epmq_jax.calib.regmean._batches", lambda *a, **k: pytest.fail("work started"))
+    missing, extra = in_memory(d)[1], in_memory(d)[1]
+    del missing["model"]["norm"]
+    extra["model"]["norm"]["bias"] = extra["model"]["norm"]["scale"]
+    for bad, match in ((missing, r"experts\[1\] has no leaf at path 'model/norm/scale'"),
+                       (extra, r"experts\[1\] has an extra leaf at path 'model/norm/bias'")):
+        with pytest.raises(ValueError, match=match):
+            regmean_merge(decoder_adapter(model), params, [lazy[0], bad], tasks(), alphas=(0.6,))
+
+
 # ----------------------------------------------------------------------------- spilled activations
 
 

@@ -35,6 +35,7 @@ from epmq_jax.calib._placement import Layout, place
 from epmq_jax.calib.adapter import CalibAdapter, get_path, key_path, set_path
 from epmq_jax.calib.driver import _batches, _embed_all, _rows_weight
 from epmq_jax.calib.solve import solve
+from epmq_jax.merge._validate import flatten_inputs
 from epmq_jax.models import streamed
 
 PyTree = Any
@@ -127,7 +128,8 @@ def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree]
       ``damp`` (the damping used), ``rel_dist_to_average``.
 
     Raises:
-      ValueError: no experts, counts that disagree, an α outside [0, 1], non-finite statistics,
+      ValueError: no experts, counts that disagree, experts whose leaves differ from ``base``'s
+        (paths, shapes, dtypes) or hold NaN/inf, an α outside [0, 1], non-finite statistics,
         or a kernel the adapter names that ``filter`` excludes.
     """
     T = len(experts)
@@ -138,6 +140,8 @@ def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree]
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]
     if not alphas or bad:
         raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {alphas}")
+    flatten_inputs(base, [streamed.abstract(e) if streamed.is_lazy(e) else e for e in experts],
+                   validate=True)       # structure, shapes, dtypes (streamed: from the headers)
     keep = compile_filter(filter or None)
     axis = None if mesh is None else (axis or mesh.axis_names[0])
     with jax.default_matmul_precision("highest"):   # the experts' forward passes too
