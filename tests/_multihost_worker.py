@@ -2,14 +2,14 @@
 
     python tests/_multihost_worker.py CKPT_DIR OUT_DIR NUM_PROCESSES PROCESS_ID PORT
 
-Each process sees 4 / NUM_PROCESSES CPU devices, joins the others through ``jax.distributed``
-(gloo collectives on localhost) and calibrates the tiny Llama in ``CKPT_DIR/base`` with the
-experts ``CKPT_DIR/e0``, ``CKPT_DIR/e1`` streamed from disk, over a mesh of all 4 global
-devices, with GPTQ and with E-PMQ. Every process loads the merged model and the same
-calibration inputs (a global view); the results are gathered to every process
+Each process sees 4 / NUM_PROCESSES CPU devices and, when NUM_PROCESSES > 1, joins the others
+through ``jax.distributed`` (gloo collectives on localhost); it calibrates the tiny Llama in
+``CKPT_DIR/base`` with the experts ``CKPT_DIR/e0``, ``CKPT_DIR/e1`` streamed from disk, over a
+mesh of all 4 global devices, with GPTQ and with E-PMQ. Every process loads the merged model and
+the same calibration inputs (a global view); the results are gathered to every process
 (:func:`epmq_jax.parallel.gather_to_host`) and process 0 saves them with
 :func:`epmq_jax.checkpoint.save` (one directory per method) beside the per-layer statistics.
-The test runs :func:`run` itself in one process over 4 of its devices and compares.
+NUM_PROCESSES = 1 is the single-process reference (no distributed runtime).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import os
 import sys
 
 METHODS = ("gptq", "epmq")
+#: GPTQ keeps every H whole on each device, E-PMQ splits them over rows (every d_in is 32)
+H_ROWS_FROM = {"gptq": None, "epmq": 32}
 
 
 def run(ckpt_dir: str, devices) -> dict:
@@ -48,7 +50,7 @@ def run(ckpt_dir: str, devices) -> dict:
         result = calibrate(decoder_adapter(model), params, tasks,
                            CalibConfig(objective=objective, spec=spec, batch_size=4),
                            experts=experts if method == "epmq" else None, mesh=mesh,
-                           h_rows_from=64)
+                           h_rows_from=H_ROWS_FROM[method])
         out[method] = (gather_to_host(result.params), result.stats)
     return out
 
@@ -58,12 +60,13 @@ def main(ckpt_dir: str, out_dir: str, num_processes: int, process_id: int, port:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # bounded waits: a peer that died makes this one fail within a minute, not hang
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=60, heartbeat_timeout_seconds=30,
-                               shutdown_timeout_seconds=30)
+    if num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # bounded waits: a peer that died makes this one fail within a minute, not hang
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=60, heartbeat_timeout_seconds=30,
+                                   shutdown_timeout_seconds=30)
     assert jax.device_count() == 4 and jax.local_device_count() == 4 // num_processes, jax.devices()
     from epmq_jax import checkpoint
 
@@ -73,7 +76,8 @@ def main(ckpt_dir: str, out_dir: str, num_processes: int, process_id: int, port:
             checkpoint.save(os.path.join(out_dir, method), tree)
             with open(os.path.join(out_dir, f"{method}_stats.json"), "w") as f:
                 json.dump(stats, f)
-    jax.distributed.shutdown()
+    if num_processes > 1:
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
