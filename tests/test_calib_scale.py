@@ -8,6 +8,8 @@ stated size formula of the activations, and the single-device run (sharding chan
 of sums: equal quality, float32 agreement without rounding).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -164,6 +166,20 @@ def test_regmean_refuses_experts_unlike_base_before_any_work(llamas, monkeypatch
                        (extra, r"experts\[1\] has an extra leaf at path 'model/norm/bias'")):
         with pytest.raises(ValueError, match=match):
             regmean_merge(decoder_adapter(model), params, [lazy[0], bad], tasks(), alphas=(0.6,))
+
+
+def test_full_mode_with_streamed_experts_equals_in_memory(llamas):
+    """E-PMQ-full reads expert blocks as E-PMQ does; only its stem/head (whole trees) refuse them."""
+    from epmq_jax.calib.full import FullConfig
+
+    d, model, params, _ = llamas
+    lazy = llama.experts_from_pretrained([d / "e0", d / "e1"], like=params)
+    cfg = dataclasses.replace(EPMQ, full=FullConfig())
+    assert_same(calibrate(decoder_adapter(model), params, tasks(), cfg, experts=lazy),
+                calibrate(decoder_adapter(model), params, tasks(), cfg, experts=in_memory(d)))
+    with pytest.raises(ValueError, match="config.full.leaves .* needs the experts in memory"):
+        calibrate(decoder_adapter(model), params, tasks(),
+                  dataclasses.replace(EPMQ, full=FullConfig(leaves=True)), experts=lazy)
 
 
 # ----------------------------------------------------------------------------- spilled activations

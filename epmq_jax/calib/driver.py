@@ -545,9 +545,9 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     full = config.full
     if full is not None:
         full_mode.check(config, adapter, params, base)
-        if any(streamed.is_lazy(e) for e in experts or []):
-            raise ValueError("config.full (E-PMQ-full) needs the experts in memory (its stem and head "
-                             "read whole expert trees); got experts streamed from disk")
+        if full.leaves and any(streamed.is_lazy(e) for e in experts or []):
+            raise ValueError("config.full.leaves (E-PMQ-full's stem and head, which read whole "
+                             "expert trees) needs the experts in memory; got experts streamed from disk")
     _check_inputs(params, experts, task_inputs)
     bs = config.batch_size
     sharding = layout = None
