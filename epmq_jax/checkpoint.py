@@ -203,7 +203,9 @@ def _write_version(tmp: Path, stored: _Stored) -> None:
     """Writes a complete checkpoint, with its manifest, into the fresh directory ``tmp``."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
+    me = jax.process_index()     # this process alone, also in a multi-host job: no barrier
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckptr:
         ckptr.save(tmp.absolute() / "state", _nested(stored.arrays))
         ckptr.wait_until_finished()
     files = sorted(p for p in (tmp / "state").rglob("*") if p.is_file())

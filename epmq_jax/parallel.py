@@ -3,12 +3,14 @@
 Solvers are written once for whole arrays and sharded by placing their inputs: a Flax kernel
 ``(d_in, d_out)`` is split over its output channels (the columns are independent given the
 input statistics), statistics ``H (d_in, d_in)`` are replicated. Meshes use ``Auto`` axis
-types so that ``jit`` propagates these shardings through the solvers.
+types so that ``jit`` propagates these shardings through the solvers. :func:`gather_to_host`
+brings a multi-host result to every process for a single-process writer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,3 +58,24 @@ def shard_columns(w: jax.Array, mesh: Mesh, axis: str | None = None) -> jax.Arra
 def replicate(x: jax.Array, mesh: Mesh) -> jax.Array:
     """Places ``x`` on every device of ``mesh``."""
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Every array of ``tree`` whole, as NumPy, in every process (multi-host: a collective, so
+    every process must call it).
+
+    Arrays spread over several processes (a multi-host mesh) are gathered with
+    ``jax.experimental.multihost_utils.process_allgather``; arrays a process holds whole
+    (replicated, or on its own devices) are read locally. ``QuantizedWeight`` leaves come back
+    as ``QuantizedWeight`` with NumPy fields. Use it before a single-process writer, e.g.
+    ``tree = gather_to_host(result.params)``, then ``if jax.process_index() == 0:
+    epmq_jax.checkpoint.save(path, tree)``.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)

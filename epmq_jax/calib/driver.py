@@ -24,12 +24,16 @@ every variant (λ, damping, bits) reuses the compiled code: compilation is paid 
 distinct shape. Batches are padded to a fixed size (padding rows masked out) for the same reason.
 
 Sharding: with a ``mesh``, the calibration batches are split over the mesh axis along the
-sample axis (the jitted statistics reduce across devices) and each layer's solve and rounding
-run with the kernel and B split over output channels (H replicated). Nothing sharded is
-gathered to a host: only per-layer scalar statistics are fetched. GPTQ on a column-split kernel
-gives the single-device codes bit for bit; the statistics' cross-device sums are not
-order-deterministic, so a sharded E-PMQ run equals the single-device one in quality (objective
-values), not bit for bit (see docs/adapters.md).
+sample axis, each block's parameters, the statistics B and each layer's solve and rounding over
+output channels (H whole, or split over rows: ``h_rows_from``). Partial sums across devices are
+added in a fixed device order (:mod:`epmq_jax.calib._placement`), so the same mesh gives the
+same bits in one process or several (``jax.distributed``); that order is not a single device's,
+so a sharded run equals the single-device one in quality (objective values), not bit for bit
+(see docs/adapters.md). Only per-layer scalar statistics are fetched to the host.
+
+At LLM size: ``experts`` may be streamed from disk (:mod:`epmq_jax.models.streamed`; expert t's
+block k is read when block k is reached), and ``activation_budget`` keeps the activations in
+host memory for blocks where they exceed it (docs/scale.md).
 
 E-PMQ-full (``CalibConfig.full``, :mod:`epmq_jax.calib.full`, this project's extension) takes
 new code paths behind that switch: per block its norms and groups (kernel and bias solved
@@ -59,6 +63,20 @@ from jax.sharding import PartitionSpec as P
 from epmq_jax.calib import awq
 from epmq_jax.calib import full as full_mode
 from epmq_jax.calib import stats as st
+from epmq_jax.calib._placement import (
+    Layout,
+    Stash,
+    embed_params,
+    fill_params,
+    gather_rows,
+    gather_sum,
+    per_device,
+    place,
+    sum_replicated,
+    sum_rows,
+    sum_scatter,
+    tree_nbytes,
+)
 from epmq_jax.calib.adapter import CalibAdapter, get_path, key_path, set_path
 from epmq_jax.calib.objectives import Objective, target_input
 from epmq_jax.calib.solve import (
@@ -70,6 +88,7 @@ from epmq_jax.calib.solve import (
     finish_stats,
     layer_step,
 )
+from epmq_jax.models import streamed
 from epmq_jax.quant import QuantSpec
 
 PyTree = Any
@@ -248,33 +267,53 @@ def _run_block(adapter, kind, block_params, carry):
     return adapter.run_block(kind, block_params, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _embed_all(adapter, params, inputs):
-    """Block 0's input carry of every batch: leaves ``(N', batch_size, ...)``."""
-    return jax.lax.map(lambda b: adapter.embed(params, b), inputs)
+def _embed_all(adapter, params, inputs, layout: Layout | None = None):
+    """Block 0's input carry of every batch: leaves ``(N', batch_size, ...)``.
+
+    ``params`` may be a streamed tree (:mod:`epmq_jax.models.streamed`): only the leaves
+    ``adapter.embed`` reads are read and transferred, in memory or not.
+    """
+    fill, used = embed_params(adapter, params, inputs, layout)
+    return _embed_used(adapter, fill, layout, used, inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _advance_all(adapter, kind, block_params, carry):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _embed_used(adapter, fill, layout, used, inputs):
+    def run(used, inputs):
+        params = fill_params(fill, used)
+        return jax.lax.map(lambda b: adapter.embed(params, b), inputs)
+
+    return per_device(run, layout, 1, 1)(used, inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("layout",))
+def _advance_all(adapter, kind, block_params, carry, layout=None):
     """Every batch through one block (no captures kept)."""
-    return jax.lax.map(lambda c: adapter.run_block(kind, block_params, c)[0], carry)
+    def run(block_params, carry):
+        return jax.lax.map(lambda c: adapter.run_block(kind, block_params, c)[0], carry)
+
+    return per_device(run, layout, 1, 1)(block_params, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("full",))
-def _expert_pass(adapter, kind, capture, expert_block, carry, full=False):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("layout", "full"))
+def _expert_pass(adapter, kind, capture, expert_block, carry, layout=None, full=False):
     """A task's batches through its expert's block: ``(carry out, {path: input (n_batches, ...)})``
     for the kernel paths in ``capture`` (one per group; with ``full``, through E-PMQ-full's
     :func:`~epmq_jax.calib.full.run_block`, whose captures also hold the norms' inputs)."""
-    def one(c):
-        out, caps = (full_mode.run_block if full else _run_block)(adapter, kind, expert_block, c)
+    def one(block, c):
+        out, caps = (full_mode.run_block if full else _run_block)(adapter, kind, block, c)
         return out, {p: caps[p][0] if isinstance(caps[p], tuple) else caps[p] for p in capture}
 
-    return jax.lax.map(one, carry)
+    def run(block, carry):
+        return jax.lax.map(functools.partial(one, block), carry)
+
+    return per_device(run, layout, 1, 1)(expert_block, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(9,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("layout",),
+                   donate_argnums=(9,))
 def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_expert,
-                  expert_kernels, total):
+                  expert_kernels, total, layout=None):
     """One task's moments for the layers of a group, in one scan over its batches, added with
     the task's weight ω_t into the running total.
 
@@ -291,35 +330,82 @@ def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_
       expert_kernels: ``{path: W_t}`` of the task's expert, or None (objectives without targets).
       total: the ω-weighted ``{path: Moments}`` of the tasks before, or None (its buffers are
         reused for the result).
+      layout: None, or ``(Layout, h_rows, cols)`` (static): each device scans its own samples and
+        the sums are added across devices in a fixed order (:mod:`epmq_jax.calib._placement`),
+        H kept split over its rows when ``h_rows``, B over its columns where ``cols[i]`` (one
+        flag per layer of the group).
 
     Returns:
       ``({path: Moments} with this task added, ω_t)`` (H shared by the group).
     """
-    def batch(i):
-        _, caps = adapter.run_block(kind, block_params, jax.tree.map(lambda a: a[i], carry))
-        missing = [p for p in group if p not in caps]
-        if missing:
-            raise ValueError(f"run_block captured no input for {missing} (captured: {sorted(caps)})")
-        x, w = _rows_weight(caps[group[0]], mask[i])
-        m = st.moments(x, None, w)
-        out = {"h": m.h, "n": m.n, "abs": m.abs_sum, "b": {}, "yy": {}}
-        if expert_kernels is not None:
-            xt = target_input(x, None if x_expert is None else x_expert[i], objective)
-            for p in group:
-                y = jnp.matmul(xt.astype(jnp.float32), expert_kernels[p].astype(jnp.float32),
-                               precision=_HI)
-                out["b"][p], out["yy"][p] = st.cross_moments(x, y, w)
-        return out
+    def local(block_params, expert_kernels, carry, mask, x_expert):
+        def batch(i):
+            _, caps = adapter.run_block(kind, block_params, jax.tree.map(lambda a: a[i], carry))
+            missing = [p for p in group if p not in caps]
+            if missing:
+                raise ValueError(f"run_block captured no input for {missing} (captured: {sorted(caps)})")
+            x, w = _rows_weight(caps[group[0]], mask[i])
+            m = st.moments(x, None, w)
+            out = {"h": m.h, "n": m.n, "abs": m.abs_sum, "b": {}, "yy": {}}
+            if expert_kernels is not None:
+                xt = target_input(x, None if x_expert is None else x_expert[i], objective)
+                for p in group:
+                    y = jnp.matmul(xt.astype(jnp.float32), expert_kernels[p].astype(jnp.float32),
+                                   precision=_HI)
+                    out["b"][p], out["yy"][p] = st.cross_moments(x, y, w)
+            return out
 
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
-    acc = jax.lax.fori_loop(0, mask.shape[0], lambda i, a: jax.tree.map(jnp.add, a, batch(i)), zero)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
+        return jax.lax.fori_loop(0, mask.shape[0], lambda i, a: jax.tree.map(jnp.add, a, batch(i)),
+                                 zero)
+
+    args = (block_params, expert_kernels, carry, mask, x_expert, total)
+    if layout is None:
+        return _fold(local(*args[:-1]), group, objective.task_weights, total, None)
+    return _across_devices(local, group, objective.task_weights, layout,
+                           expert_kernels is not None, total is not None)(*args)
+
+
+def _fold(acc, group, weighting, total, h_sq):
+    """A task's sums ``acc`` as Moments per layer, added with ω_t into ``total``."""
     zero = jnp.zeros((), jnp.float32)
     new, omega = {}, None
     for p in group:
         task = st.Moments(acc["h"], acc["b"].get(p), acc["yy"].get(p, zero), acc["n"], acc["abs"])
-        new[p], omega = st.fold_task(None if total is None else total[p], task,
-                                     objective.task_weights)
+        new[p], omega = st.fold_task(None if total is None else total[p], task, weighting,
+                                     h_sq_sum=h_sq)
     return new, omega
+
+
+def _across_devices(local, group, weighting, layout, targets: bool, has_total: bool):
+    """``local``'s per-device sums (over each device's samples) added across devices in a fixed
+    order and folded into the total: a ``shard_map`` over ``(block, expert kernels, carry, mask,
+    x_expert, total)`` giving ``({path: Moments}, ω_t)`` with H whole (or split over rows) and B
+    split over columns where the axis divides d_out."""
+    lay, h_rows, cols = layout
+    axis, k = lay.axis, lay.size
+
+    def body(block_params, expert_kernels, carry, mask, x_expert, total):
+        acc = local(block_params, expert_kernels, carry, mask, x_expert)
+        rows = sum_rows(acc["h"], axis, k)      # this device's rows of H (zero-padded)
+        out = {"h": rows if h_rows else gather_rows(rows, axis, acc["h"].shape[0]),
+               "n": gather_sum(acc["n"], axis), "abs": gather_sum(acc["abs"], axis),
+               "b": {}, "yy": {}}
+        for p, c in zip(group, cols):
+            if targets:
+                b = acc["b"][p]
+                out["b"][p] = sum_scatter(b, axis, k, 1) if c else sum_replicated(b, axis, k)
+                out["yy"][p] = gather_sum(acc["yy"][p], axis)
+        # ΣH² from the row blocks, the same whether H is then gathered or not
+        return _fold(out, group, weighting, total, gather_sum(jnp.sum(rows * rows), axis))
+
+    split = P(None, axis)
+    moments = {p: st.Moments(P(axis, None) if h_rows else P(),
+                             (P(None, axis) if c else P()) if targets else None, P(), P(), P())
+               for p, c in zip(group, cols)}
+    return jax.shard_map(body, mesh=lay.mesh,
+                         in_specs=(P(), P(), split, split, split, moments if has_total else None),
+                         out_specs=(moments, P()), check_vma=False)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -336,7 +422,8 @@ def _check_inputs(params: PyTree, experts: Sequence[PyTree] | None,
     from epmq_jax._tree import leaves_with_paths
     from epmq_jax.merge._validate import flatten_inputs
 
-    flatten_inputs(params, list(experts or []), ref_name="params", validate=True)
+    flatten_inputs(params, [streamed.abstract(e) if streamed.is_lazy(e) else e for e in experts or []],
+                   ref_name="params", validate=True)     # streamed experts: shapes from headers
     named = [(f"task_inputs[{t}]" + (f" leaf '{p}'" if p else ""), x)
              for t, tree in enumerate(task_inputs) for p, x in leaves_with_paths(tree)
              if jnp.issubdtype(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
@@ -371,11 +458,22 @@ def _place_columns(x: jax.Array, mesh, axis: str | None) -> jax.Array:
     return jax.device_put(x, NamedSharding(mesh, P(None, axis)))
 
 
+def _check_sizes(activation_budget, h_rows_from, mesh) -> None:
+    for name, v in (("activation_budget", activation_budget), ("h_rows_from", h_rows_from)):
+        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"{name} must be None or an int >= 0 (bytes for activation_budget, "
+                             f"d_in for h_rows_from), got {v!r}")
+    if h_rows_from is not None and mesh is None:
+        raise ValueError(f"h_rows_from={h_rows_from} splits H over the rows of a mesh axis: it "
+                         "needs mesh=")
+
+
 def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTree],
               config: CalibConfig = CalibConfig(), *, experts: Sequence[PyTree] | None = None,
               mesh: jax.sharding.Mesh | None = None, axis: str | None = None,
               checkpoint_dir: str | None = None, progress: bool = False,
-              on_block: Callable[[int], None] | None = None, base: PyTree | None = None) -> CalibResult:
+              on_block: Callable[[int], None] | None = None, base: PyTree | None = None,
+              activation_budget: int | None = None, h_rows_from: int | None = None) -> CalibResult:
     """Calibrates every linear layer the adapter names, block by block (see the module docstring).
 
     Args:
@@ -386,9 +484,13 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
       task_inputs: T model-input pytrees (leading axis = samples), task t's calibration data.
       config: the objective, rounder and options (:class:`CalibConfig`).
       experts: T expert param trees, same structure, shapes and dtypes as ``params`` (needed by
-        ``epmq`` and ``regmean``; task t's data runs through expert t).
-      mesh: optional mesh; batches are split over ``axis`` along samples, solves over output
-        channels. ``batch_size`` is rounded up to a multiple of the axis size.
+        ``epmq`` and ``regmean``; task t's data runs through expert t): in memory, or streamed
+        from disk (:class:`epmq_jax.models.streamed.CheckpointTree`, e.g.
+        :func:`epmq_jax.models.llama.experts_from_pretrained`), read one block at a time.
+      mesh: optional mesh; batches are split over ``axis`` along samples, each block's
+        parameters, the statistics B and the solves over output channels (H whole on every
+        device, or split over rows: ``h_rows_from``). ``batch_size`` is rounded up to a
+        multiple of the axis size. The same mesh gives the same bits in one process or several.
       axis: mesh axis name (default: the mesh's first axis).
       checkpoint_dir: save progress there after every block and resume from it.
       progress: show a progress bar over blocks.
@@ -396,6 +498,15 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         outputs computed and checkpointed), e.g. for timing or logging.
       base: the pretrained params (same structure as ``params``), needed only by E-PMQ-full's
         extrapolated anchor (``config.full.rho != 1``).
+      activation_budget: bytes per device for the calibration activations held between uses
+        (every task's carries on the quantized and expert paths and the expert-side inputs of
+        the block's groups; sizes in docs/adapters.md). A block whose activations exceed it keeps
+        them in host memory and brings one task's to the device at a time (same results).
+        None: always on the device.
+      h_rows_from: with a mesh, the H of layers with ``d_in >= h_rows_from`` (when the axis
+        divides d_in) is summed and held split over its rows between tasks, and gathered
+        whole only for the layer's solve (see docs/adapters.md for the trade-off). None: H whole
+        on every device.
 
     Every block forward (the model's own layers, for the captures and the next block's inputs)
     runs at ``Precision.HIGHEST`` (``jax.default_matmul_precision("highest")``), as the
@@ -411,13 +522,15 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
         path the block lacks, a capture missing, a Hessian no damping makes positive definite,
         or a checkpoint of another run.
     """
+    _check_sizes(activation_budget, h_rows_from, mesh)
     with jax.default_matmul_precision("highest"):
         return _calibrate(adapter, params, task_inputs, config, experts=experts, mesh=mesh, axis=axis,
-                          checkpoint_dir=checkpoint_dir, progress=progress, on_block=on_block, base=base)
+                          checkpoint_dir=checkpoint_dir, progress=progress, on_block=on_block, base=base,
+                          activation_budget=activation_budget, h_rows_from=h_rows_from)
 
 
 def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, checkpoint_dir, progress,
-               on_block, base=None) -> CalibResult:
+               on_block, base=None, activation_budget=None, h_rows_from=None) -> CalibResult:
     obj = config.objective
     T = len(task_inputs)
     if T == 0:
@@ -432,13 +545,17 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     full = config.full
     if full is not None:
         full_mode.check(config, adapter, params, base)
+        if full.leaves and any(streamed.is_lazy(e) for e in experts or []):
+            raise ValueError("config.full.leaves (E-PMQ-full's stem and head, which read whole "
+                             "expert trees) needs the experts in memory; got experts streamed from disk")
     _check_inputs(params, experts, task_inputs)
     bs = config.batch_size
-    sharding = None
+    sharding = layout = None
     if mesh is not None:
         k = mesh.shape[axis]
         bs = -(-bs // k) * k
         sharding = NamedSharding(mesh, P(None, axis))     # (batches, samples, ...): samples split
+        layout = Layout(mesh, axis)
     blocks = list(adapter.block_paths(params))
     if obj.kind == "gptq" and config.rounder == "rtn":   # data-free: no forward passes at all
         return _rtn_only(adapter, params, blocks, config, on_block)
@@ -448,10 +565,11 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     if checkpoint_dir is not None:
         from epmq_jax.calib._resume import BlockCheckpointer, fingerprint
 
-        trees = (params, list(task_inputs), list(experts or []))
+        lazy = [e.fingerprint() for e in experts or [] if streamed.is_lazy(e)]
+        trees = (params, list(task_inputs), [e for e in experts or [] if not streamed.is_lazy(e)])
         if full is not None and full.rho != 1.0:
             trees += (base,)
-        run_id = fingerprint(config, type(adapter).__qualname__, trees=trees)
+        run_id = fingerprint(config, type(adapter).__qualname__, *lazy, trees=trees)
         ckpt = BlockCheckpointer(checkpoint_dir, run_id)
         state = ckpt.restore()
         if state is not None:
@@ -469,10 +587,10 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             stats += stem_stats
         else:
             embed_params = full_mode.replay(params, (), {f"/{p}": v for p, v in kernels.items()})
-    q_carry = [_embed_all(adapter, embed_params, b) for b, _ in batches]
+    q_carry = Stash(_embed_all(adapter, embed_params, b, layout) for b, _ in batches)
     e_carry = None
     if obj.needs_expert_inputs:
-        e_carry = [_embed_all(adapter, experts[t], b) for t, (b, _) in enumerate(batches)]
+        e_carry = Stash(_embed_all(adapter, experts[t], b, layout) for t, (b, _) in enumerate(batches))
     del batches
 
     bar = range(len(blocks))
@@ -485,16 +603,22 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         kind = adapter.block_kind(k)
         groups = adapter.linear_groups(kind)
         where = "/".join(str(p) for p in bpath)
-        merged_block = get_path(params, bpath)
-        expert_blocks = [get_path(e, bpath) for e in experts] if experts is not None else None
-        x_expert = [{}] * T
+        merged_block = place(get_path(params, bpath), layout)
+        expert_blocks = None    # expert t's block k, read now when streamed (one block x T)
+        if experts is not None:
+            expert_blocks = [place(streamed.materialize(get_path(e, bpath)), layout) for e in experts]
+        x_expert = Stash({} for _ in range(T))
+        capture = tuple(g[0] for g in groups)   # also when replaying: the same program
+        if full is not None:
+            capture += _norm_paths(adapter, kind, full)
+        spill = _over_budget(activation_budget, layout, q_carry, e_carry, adapter, kind, capture,
+                             expert_blocks, full is not None)
+        q_carry.spill = x_expert.spill = spill
         if e_carry is not None:      # one pass per task through its expert's block
-            capture = tuple(g[0] for g in groups)   # also when replaying: the same program
-            if full is not None:
-                capture += _norm_paths(adapter, kind, full)
-            passes = [_expert_pass(adapter, kind, capture, expert_blocks[t], e_carry[t], full=full is not None)
-                      for t in range(T)]
-            e_carry, x_expert = [c for c, _ in passes], [x for _, x in passes]
+            e_carry.spill = spill    # (also when replaying: the same program)
+            for t in range(T):
+                e_carry[t], x_expert[t] = _expert_pass(adapter, kind, capture, expert_blocks[t],
+                                                       e_carry[t], layout=layout, full=full is not None)
         block, pending = merged_block, []
         if full is not None:         # E-PMQ-full: norms and groups of the block (full.calibrate_block)
             weighted = full.tokens and k >= len(blocks) - full.token_reach
@@ -510,7 +634,8 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         if config.rounder == "awq":    # whole blocks: shared scales folded into the ops before them
             if k >= done:
                 changed, block_stats = awq.calibrate_block(
-                    adapter, kind, merged_block, _per_batch(q_carry), _per_batch(masks),
+                    adapter, kind, merged_block, _per_batch([q_carry[t] for t in range(T)]),
+                    _per_batch(masks),
                     config.spec, where=where, **config.rounder_options())
                 kernels.update({_full_path(bpath, rel): v for rel, v in changed.items()})
                 stats += [{**s, "block": k} for s in block_stats]
@@ -527,10 +652,13 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
                 continue
             block, layers = _calibrate_group(
                 adapter, kind, group, block, merged_block, expert_blocks, q_carry,
-                [x.get(group[0]) for x in x_expert], masks, config, mesh, axis, where)
+                x_expert.column(group[0]), masks, config, mesh, axis, where,
+                h_rows_from=h_rows_from)
             pending += [(gi, *layer) for layer in layers]
+        del x_expert, expert_blocks
         out_block = merged_block if config.propagate_float else block
-        q_carry = [_advance_all(adapter, kind, out_block, c) for c in q_carry]
+        for t in range(T):
+            q_carry[t] = _advance_all(adapter, kind, out_block, q_carry[t], layout=layout)
         if pending:
             stats += (full_mode.finish_block(pending, k, config, bpath, kernels, weighted) if full is not None
                       else _finish_block(pending, k, config, bpath, kernels))
@@ -540,7 +668,7 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         if ckpt is not None and k >= done:
             ckpt.save(k + 1, dict(kernels), stats)
         if on_block is not None:
-            jax.block_until_ready(q_carry)
+            q_carry.block_until_ready()
             on_block(k)
     if head is not None:       # E-PMQ-full: the head after the last block
         stats += _full_leaves(adapter, head, embed_params, base, experts, q_carry, masks, config, kernels,
@@ -583,6 +711,23 @@ def _full_leaves(adapter, kind, params, base, experts, carries, masks, config: C
     for s in stats:
         s["block_time_s"] = time.perf_counter() - t0
     return out, stats
+
+
+def _over_budget(budget, layout, q_carry: Stash, e_carry: Stash | None, adapter, kind, capture,
+                 expert_blocks, full: bool) -> bool:
+    """Whether this block's activations (carries of both paths, expert-side group inputs) exceed
+    ``budget`` bytes per device (the mesh axis splits them evenly)."""
+    if budget is None:
+        return False
+    need = q_carry.nbytes()
+    if e_carry is not None:
+        need += e_carry.nbytes()
+        for t in range(len(e_carry)):     # shapes only: nothing is computed or moved
+            shapes = jax.eval_shape(functools.partial(_expert_pass, adapter, kind, capture,
+                                                      layout=layout, full=full),
+                                    expert_blocks[t], e_carry.abstract(t))
+            need += tree_nbytes(shapes[1])
+    return need / (1 if layout is None else layout.size) > budget
 
 
 def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) -> list[dict]:
@@ -634,7 +779,7 @@ def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibRe
 
 
 def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q_carry, x_expert,
-                     masks, config: CalibConfig, mesh, axis, where):
+                     masks, config: CalibConfig, mesh, axis, where, h_rows_from=None):
     """Statistics, solve and rounding for one group of layers, all dispatched without waiting.
 
     Tasks are processed one after the other (each task's batches in one compiled scan), so the
@@ -649,21 +794,28 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
     obj = config.objective
     # λ, the anchor and the damping do not enter the batch statistics: one compilation for all
     static_obj = dataclasses.replace(obj, lam=0.0, anchor="output")
-    for p in group:
-        _kernel(block, p, where)
+    shapes = [_kernel(block, p, where).shape for p in group]
+    layout = None
+    if mesh is not None:      # (Layout, H split over rows?, B split over columns? per layer)
+        lay = Layout(mesh, axis)
+        d_in = shapes[0][0]
+        h_rows = h_rows_from is not None and d_in >= h_rows_from and d_in % lay.size == 0
+        layout = (lay, h_rows, tuple(lay.columns(s) for s in shapes))
     total, omegas = None, []
     for t in range(len(q_carry)):
         e_kern = None
         if obj.needs_targets:
             e_kern = {p: _kernel(expert_blocks[t], p, f"experts[{t}]/{where}") for p in group}
         total, omega = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
-                                     x_expert[t], e_kern, total)
+                                     x_expert[t], e_kern, total, layout=layout)
         omegas.append(omega)
     columns = None if mesh is None else (mesh, axis)
     results = []
     for rel in group:
         w_m = _kernel(merged_block, rel, where)
         m = total[rel]
+        if layout is not None and layout[1]:      # H split over rows: whole for the solve
+            m = m._replace(h=jax.device_put(m.h, NamedSharding(mesh, P())))
         cols = columns if mesh is not None and w_m.shape[1] % mesh.shape[axis] == 0 else None
         w_m = _place_columns(w_m, mesh, axis)
         if m.b is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
@@ -111,9 +112,10 @@ def target_input(x: jax.Array, x_expert: jax.Array | None, objective: Objective)
     return objective.alpha * x_expert + (1.0 - objective.alpha) * x
 
 
-def _tr_ab(a: jax.Array, b: jax.Array) -> jax.Array:
-    """tr(aᵀb) for two matrices of the same shape."""
-    return jnp.sum(a * b)
+def _tr_ab(a: jax.Array, b: jax.Array, total: Callable[[jax.Array], jax.Array] = jnp.sum
+           ) -> jax.Array:
+    """tr(aᵀb) for two matrices of the same shape (``total``: how all entries are summed)."""
+    return total(a * b)
 
 
 def layer_system(objective: Objective, m: Moments, w_merged: jax.Array,
@@ -133,30 +135,36 @@ def layer_system(objective: Objective, m: Moments, w_merged: jax.Array,
 
 
 def system_and_merged(objective: Objective, m: Moments, w_merged: jax.Array,
-                      lam: float | jax.Array | None = None) -> tuple[System, jax.Array]:
+                      lam: float | jax.Array | None = None, *,
+                      total: Callable[[jax.Array], jax.Array] = jnp.sum) -> tuple[System, jax.Array]:
     """:func:`layer_system` and H·W_m ``(d_in, d_out)``, which it computes on the way (one matmul).
 
     With H·W_m, L(W_m) = tr(W_mᵀ(H W_m)) − 2tr(W_mᵀB) + const costs no further matmul.
+    ``total`` sums all entries of a ``(d_in, d_out)`` array (default ``jnp.sum``; the driver
+    passes a fixed-order sum when the columns are split over devices).
     """
     h_d = m.h
     w_m = w_merged.astype(jnp.float32)
     hw = jnp.matmul(h_d, w_m, precision=_HI)
     if objective.kind == "gptq":
-        return System(h_d, hw, _tr_ab(w_m, hw)), hw
+        return System(h_d, hw, _tr_ab(w_m, hw, total)), hw
     if m.b is None:
         raise ValueError(f"objective {objective.kind!r} needs target moments B")
     lam = (objective.lam if lam is None else lam) if objective.kind == "epmq" else 0.0
     if objective.anchor == "weight":
         c = jnp.mean(jnp.diag(h_d))
         eye = jnp.eye(h_d.shape[0], dtype=h_d.dtype)
-        return (System(h_d + lam * c * eye, m.b + lam * c * w_m, m.yy + lam * c * _tr_ab(w_m, w_m)),
-                hw + lam * c * w_m)
-    return System((1.0 + lam) * h_d, m.b + lam * hw, m.yy + lam * _tr_ab(w_m, hw)), (1.0 + lam) * hw
+        return (System(h_d + lam * c * eye, m.b + lam * c * w_m,
+                       m.yy + lam * c * _tr_ab(w_m, w_m, total)), hw + lam * c * w_m)
+    return (System((1.0 + lam) * h_d, m.b + lam * hw, m.yy + lam * _tr_ab(w_m, hw, total)),
+            (1.0 + lam) * hw)
 
 
-def value_from_product(system: System, q: jax.Array, hq: jax.Array) -> jax.Array:
-    """L(Q) from Q and H·Q (no matmul): tr(QᵀHQ) − 2tr(QᵀB) + const."""
-    return _tr_ab(q, hq) - 2.0 * _tr_ab(q, system.b) + system.const
+def value_from_product(system: System, q: jax.Array, hq: jax.Array, *,
+                       total: Callable[[jax.Array], jax.Array] = jnp.sum) -> jax.Array:
+    """L(Q) from Q and H·Q (no matmul): tr(QᵀHQ) − 2tr(QᵀB) + const (``total``: as
+    :func:`system_and_merged`)."""
+    return _tr_ab(q, hq, total) - 2.0 * _tr_ab(q, system.b, total) + system.const
 
 
 def objective_value(system: System, q: jax.Array) -> jax.Array:

@@ -31,9 +31,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from epmq_jax._tree import PathFilter, compile_filter, map_with_path
+from epmq_jax.calib._placement import Layout, place
 from epmq_jax.calib.adapter import CalibAdapter, get_path, key_path, set_path
 from epmq_jax.calib.driver import _batches, _embed_all, _rows_weight
 from epmq_jax.calib.solve import solve
+from epmq_jax.merge._validate import flatten_inputs
+from epmq_jax.models import streamed
 
 PyTree = Any
 _HI = jax.lax.Precision.HIGHEST
@@ -75,15 +78,24 @@ def _regmean_solve(s, sw, dw, center, alpha, damp):
 
 
 def _average_start(base: PyTree, experts: Sequence[PyTree], filter: PathFilter) -> PyTree:
-    """Leaves the filter selects: the experts' average (float32 inside, cast back); the rest: base."""
+    """Leaves the filter selects: the experts' average (float32 inside, cast back); the rest: base.
+
+    One leaf at a time: a streamed expert reads that one tensor."""
     keep = compile_filter(filter or None)
 
-    def leaf(path, b, *es):
+    def expert_leaf(t, path):
+        try:
+            return get_path(experts[t], key_path(path))
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"experts[{t}] has no leaf at path '{path}' that base has") from None
+
+    def leaf(path, b):
         if not keep(path) or not jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating):
             return b
-        return (sum(jnp.asarray(e, jnp.float32) for e in es) / len(es)).astype(jnp.asarray(b).dtype)
+        total = sum(jnp.asarray(expert_leaf(t, path), jnp.float32) for t in range(len(experts)))
+        return (total / len(experts)).astype(jnp.asarray(b).dtype)
 
-    return map_with_path(leaf, base, *experts)
+    return map_with_path(leaf, base)
 
 
 def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree],
@@ -97,7 +109,9 @@ def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree]
       adapter: the model family's calibration adapter (it names the linear kernels and runs
         blocks; see docs/internals.md).
       base: θ₀ (leaves outside ``filter`` are copied from it).
-      experts: T expert param trees (pure nested dicts), same structure as ``base``.
+      experts: T expert param trees (pure nested dicts), same structure as ``base``, in memory or
+        streamed from disk (:class:`epmq_jax.models.streamed.CheckpointTree`): a streamed expert
+        is read one leaf at a time for the average and one block at a time for the statistics.
       task_inputs: T model-input pytrees, task t's calibration data (leading axis = samples);
         task t runs through expert t.
       alphas: the α values to solve for (each in [0, 1]).
@@ -114,7 +128,8 @@ def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree]
       ``damp`` (the damping used), ``rel_dist_to_average``.
 
     Raises:
-      ValueError: no experts, counts that disagree, an α outside [0, 1], non-finite statistics,
+      ValueError: no experts, counts that disagree, experts whose leaves differ from ``base``'s
+        (paths, shapes, dtypes) or hold NaN/inf, an α outside [0, 1], non-finite statistics,
         or a kernel the adapter names that ``filter`` excludes.
     """
     T = len(experts)
@@ -125,6 +140,8 @@ def regmean_merge(adapter: CalibAdapter, base: PyTree, experts: Sequence[PyTree]
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]
     if not alphas or bad:
         raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {alphas}")
+    flatten_inputs(base, [streamed.abstract(e) if streamed.is_lazy(e) else e for e in experts],
+                   validate=True)       # structure, shapes, dtypes (streamed: from the headers)
     keep = compile_filter(filter or None)
     axis = None if mesh is None else (axis or mesh.axis_names[0])
     with jax.default_matmul_precision("highest"):   # the experts' forward passes too
@@ -159,7 +176,8 @@ def _regmean_merge(adapter, base, experts, task_inputs, alphas, keep, filter, da
         where = "/".join(str(p) for p in bpath)
         acc: dict[str, tuple] = {}
         for t in range(T):
-            eblock = get_path(experts[t], bpath)
+            eblock = place(streamed.materialize(get_path(experts[t], bpath)),
+                           None if mesh is None else Layout(mesh, axis))
             carries[t], task_grams = _block_grams(adapter, kind, groups, eblock, carries[t], masks[t])
             for group, g in zip(groups, task_grams):
                 for rel in group:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from epmq_jax.calib._placement import fixed_total
 from epmq_jax.calib.objectives import Objective, system_and_merged, value_from_product
 from epmq_jax.calib.stats import Moments
 
@@ -225,10 +226,12 @@ def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center
         info = {"damp": jnp.float32(jnp.nan), "cond": jnp.float32(jnp.nan), "ok": jnp.array(True),
                 "n_dead": jnp.sum(jnp.diag(m.h) == 0).astype(jnp.int32)}
         return w_m, m.h, m.h, None, zero, zero, info
-    system, hwm = system_and_merged(objective, m, w_m, lam)
+    total = fixed_total(columns)
+    system, hwm = system_and_merged(objective, m, w_m, lam, total=total)
     w_star, hw_star, h_round, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
-    return (w_star, system.h, h_round, hw_star - system.b, value_from_product(system, w_m, hwm),
-            value_from_product(system, w_star, hw_star), info)
+    return (w_star, system.h, h_round, hw_star - system.b,
+            value_from_product(system, w_m, hwm, total=total),
+            value_from_product(system, w_star, hw_star, total=total), info)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rounding", "options", "dtype"))
@@ -239,16 +242,18 @@ def _round(w_star, h_round, damp, *, spec, rounding: str, options: tuple, dtype:
     return q, effective_kernel(q), info
 
 
-@jax.jit
-def _report(h, w_merged, w_star, eff, resid, obj_relaxed):
-    """rel_dist and L(Q) = L(W*) + tr(ΔᵀHΔ) + 2tr(Δᵀ(HW* − B)), Δ = Q − W*: one matmul."""
+@functools.partial(jax.jit, static_argnames="columns")
+def _report(h, w_merged, w_star, eff, resid, obj_relaxed, *, columns=None):
+    """rel_dist and L(Q) = L(W*) + tr(ΔᵀHΔ) + 2tr(Δᵀ(HW* − B)), Δ = Q − W*: one matmul.
+    Sums over split columns are added in a fixed order (:func:`fixed_total`)."""
+    total = fixed_total(columns)
     w_m = w_merged.astype(jnp.float32)
     delta = eff.astype(jnp.float32) - w_star
-    obj = obj_relaxed + jnp.sum(delta * jnp.matmul(h, delta, precision=_HI))
+    obj = obj_relaxed + total(delta * jnp.matmul(h, delta, precision=_HI))
     if resid is not None:
-        obj = obj + 2.0 * jnp.sum(delta * resid)
-    return {"rel_dist": jnp.linalg.norm(w_star - w_m) / jnp.maximum(jnp.linalg.norm(w_m), 1e-30),
-            "obj_rounded": obj}
+        obj = obj + 2.0 * total(delta * resid)
+    norm = lambda x: jnp.sqrt(total(x * x))   # noqa: E731
+    return {"rel_dist": norm(w_star - w_m) / jnp.maximum(norm(w_m), 1e-30), "obj_rounded": obj}
 
 
 def layer_step(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
@@ -270,7 +275,8 @@ def layer_step(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     q, eff, rinfo = _round(w_star, h_round, jnp.float32(damp if gptq_damp is None else gptq_damp),
                            spec=spec, rounding=rounding,
                            options=tuple(sorted(options.items())), dtype=np.dtype(w_merged.dtype).name)
-    stats = {**_report(h, w_merged, w_star, eff, resid, obj_relaxed), "obj_merged": obj_merged,
+    stats = {**_report(h, w_merged, w_star, eff, resid, obj_relaxed, columns=columns),
+             "obj_merged": obj_merged,
              "obj_relaxed": obj_relaxed, **info, **rinfo}
     return q, eff, stats
 

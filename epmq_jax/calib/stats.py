@@ -94,35 +94,39 @@ def add(a: Moments | None, b: Moments) -> Moments:
                    a.abs_sum + b.abs_sum)
 
 
-def task_weight(m: Moments, weighting: TaskWeighting) -> jax.Array:
+def task_weight(m: Moments, weighting: TaskWeighting, *, h_sq_sum: jax.Array | None = None
+                ) -> jax.Array:
     """ω_t of one task from its complete moments.
 
     ``uniform``: 1; ``tokens``: 1/n_t; ``frobenius``: 1/‖X_tᵀX_t‖_F. A task whose inputs are
-    all zero gets ω_t = 0 (it contributes nothing either way) rather than inf.
+    all zero gets ω_t = 0 (it contributes nothing either way) rather than inf. ``h_sq_sum``:
+    ΣH²ᵢⱼ when ``m.h`` holds only part of H (split over devices), else computed from ``m.h``.
     """
     if weighting == "uniform":
         return jnp.ones((), jnp.float32)
     if weighting == "tokens":
         denom = m.n
     elif weighting == "frobenius":
-        denom = jnp.sqrt(jnp.sum(m.h * m.h))
+        denom = jnp.sqrt(jnp.sum(m.h * m.h) if h_sq_sum is None else h_sq_sum)
     else:
         raise ValueError(f"task_weights must be one of {TASK_WEIGHTINGS}, got {weighting!r}")
     return jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
-def fold_task(total: Moments | None, task: Moments, weighting: TaskWeighting) -> tuple[Moments, jax.Array]:
+def fold_task(total: Moments | None, task: Moments, weighting: TaskWeighting, *,
+              h_sq_sum: jax.Array | None = None) -> tuple[Moments, jax.Array]:
     """Adds one task's complete moments, scaled by its ω_t, into the running total.
 
     Args:
       total: the ω-weighted sum over the tasks folded so far, or None.
       task: the task's own (unweighted) moments over all of its batches.
       weighting: ``uniform``, ``tokens`` or ``frobenius``.
+      h_sq_sum: see :func:`task_weight`.
 
     Returns:
       ``(new_total, ω_t)``. ``n`` and ``abs_sum`` are summed without ω_t.
     """
-    w = task_weight(task, weighting)
+    w = task_weight(task, weighting, h_sq_sum=h_sq_sum)
     scaled = Moments(w * task.h, None if task.b is None else w * task.b, w * task.yy, task.n,
                      task.abs_sum)
     return add(total, scaled), w

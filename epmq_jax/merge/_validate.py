@@ -93,15 +93,23 @@ def _all_finite(leaves: list[Any]) -> list[jax.Array]:
 def check_finite(paths: list[str], leaves: list[Any], name: str) -> None:
     """Raises ValueError naming the first leaf of ``leaves`` holding NaN or inf.
 
-    One small jitted reduction per leaf runs on the arrays' devices; only booleans reach the host.
-    Tracers (inside ``jax.jit``) cannot be inspected and are skipped.
+    One small jitted reduction per device leaf runs on the arrays' devices (only booleans reach
+    the host); NumPy leaves are checked on the host (nothing is transferred). Tracers (inside
+    ``jax.jit``) and ``jax.ShapeDtypeStruct`` leaves (e.g. a streamed checkpoint's, checked when
+    read) hold no values and are skipped.
     """
     idx = [i for i, x in enumerate(leaves)
-           if not _is_tracer(x) and jnp.issubdtype(_dtype(x), jnp.inexact)]
+           if not _is_tracer(x) and not isinstance(x, jax.ShapeDtypeStruct)
+           and jnp.issubdtype(_dtype(x), jnp.inexact)]
     if not idx:
         return
-    ok = jax.device_get(_all_finite([leaves[i] for i in idx]))
-    for i, good in zip(idx, ok):
+    on_host = [i for i in idx if isinstance(leaves[i], np.ndarray)]
+    on_device = [i for i in idx if not isinstance(leaves[i], np.ndarray)]
+    flags = {}
+    if on_device:
+        flags.update(zip(on_device, jax.device_get(_all_finite([leaves[i] for i in on_device]))))
+    flags.update((i, bool(np.isfinite(leaves[i]).all())) for i in on_host)
+    for i, good in sorted(flags.items()):
         if not good:
             raise ValueError(f"Leaf '{paths[i]}' of {name} (shape {_shape(leaves[i])}, dtype "
                              f"{_dtype(leaves[i])}) contains NaN or inf.")

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -476,13 +476,42 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     return local
 
 
+def flax_axes(leaf: str, ndim: int) -> tuple[int, ...] | None:
+    """The axis permutation taking a torch-layout tensor to the Flax layout of a leaf named
+    ``leaf`` (a 2-D ``kernel``: ``(1, 0)``; a 4-D one, OIHW -> HWIO), or None (unchanged)."""
+    if leaf == "kernel" and ndim == 2:
+        return (1, 0)
+    if leaf == "kernel" and ndim == 4:
+        return (2, 3, 1, 0)
+    return None
+
+
 def _hf_to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
     """Torch layout -> Flax layout for a leaf named ``leaf`` (kernel/scale/embedding/...)."""
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    return value
+    axes = flax_axes(leaf, value.ndim)
+    return value if axes is None else value.transpose(axes)
+
+
+def model_path(name: str, params: Container[str],
+               rename: Callable[[str], str | None] = lambda name: name,
+               ignore: Iterable[re.Pattern] = ()) -> str | None:
+    """The model param path a checkpoint tensor fills, by :func:`load_into`'s rule, or None when
+    ``ignore`` (compiled regexes, ``re.search``) or ``rename`` skips it.
+
+    ``rename(name)``'s dots become slashes; a final ``weight`` lands on whichever of ``kernel``,
+    ``scale`` or ``embedding`` ``params`` (the model's param paths) holds there.
+    """
+    if any(r.search(name) for r in ignore):
+        return None
+    dotted = rename(name)
+    if dotted is None:
+        return None
+    path = dotted.replace(".", "/")
+    if path.endswith("/weight") or path == "weight":
+        stem = path[: -len("weight")]
+        path = next((stem + leaf for leaf in ("kernel", "scale", "embedding")
+                     if stem + leaf in params), path)
+    return path
 
 
 def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray],
@@ -521,16 +550,9 @@ def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray],
     assigned: dict[str, jax.Array] = {}
     unknown, mismatched = [], []
     for name in tensors:
-        if any(r.search(name) for r in ignore):
+        path = model_path(name, params, rename, ignore)
+        if path is None:
             continue
-        dotted = rename(name)
-        if dotted is None:
-            continue
-        path = dotted.replace(".", "/")
-        if path.endswith("/weight") or path == "weight":
-            stem = path[: -len("weight")]
-            path = next((stem + leaf for leaf in ("kernel", "scale", "embedding")
-                         if stem + leaf in params), path)
         if path not in params or path in assigned:
             unknown.append(name)
             continue

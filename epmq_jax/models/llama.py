@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from epmq_jax.models import hf
+from epmq_jax.models import hf, streamed
 from epmq_jax.models._layers import activation
 
 #: The ``config.json`` ``model_type``s this module builds.
@@ -664,9 +665,52 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
     cfg = LlamaConfig.from_dict(config)
     dtype = jnp.float32 if dtype is None else dtype
     model = hf.abstract(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=hf.ABSTRACT_RNGS))
-    tied = cfg.tie_word_embeddings
-    return hf.load_into(model, tensors, lambda k: None if tied and k == "lm_head.weight" else k,
-                        ignore=_IGNORED)
+    return hf.load_into(model, tensors, _rename(cfg), ignore=_IGNORED)
+
+
+def _rename(config: LlamaConfig):
+    """Checkpoint name -> model name: the same, but a tied model drops a stored ``lm_head``."""
+    tied = config.tie_word_embeddings
+    return lambda k: None if tied and k == "lm_head.weight" else k
+
+
+def experts_from_pretrained(paths: Sequence[str | os.PathLike], like: Any, *,
+                            revision: str | None = None, allow_nonfinite: bool = False
+                            ) -> list[streamed.CheckpointTree]:
+    """Expert param trees streamed from their checkpoints, for calibration at LLM size.
+
+    Each expert is a :class:`~epmq_jax.models.streamed.CheckpointTree`: it holds no tensor, and
+    :func:`epmq_jax.calib.calibrate` / :func:`epmq_jax.calib.regmean_merge` read expert t's
+    block k when they reach block k (memory: about one block times T, not T models)::
+
+        model = from_pretrained(merged_dir)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        experts = llama.experts_from_pretrained(expert_dirs, like=params)
+        calibrate(decoder_adapter(model), params, task_inputs, cfg, experts=experts)
+
+    Args:
+      paths: one checkpoint directory or hub repo id per expert (a Llama-family
+        ``config.json`` and weights in any format :func:`~epmq_jax.models.hf.open_tensors`
+        reads; sharded safetensors for LLMs).
+      like: the model's pure param tree (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``,
+        arrays or ``jax.ShapeDtypeStruct``): structure, shapes and the dtypes tensors are cast
+        to when read (Flax kernels ``(d_in, d_out)``).
+      revision: hub branch, tag or commit (hub repo ids only).
+      allow_nonfinite: accept NaN/inf in the weights (refused when read, by default).
+
+    Raises:
+      FileNotFoundError: see :func:`~epmq_jax.models.hf.resolve_checkpoint`. ValueError: a
+        ``config.json`` that is not a Llama-family one;
+        :class:`~epmq_jax.models.hf.CheckpointMismatchError` for tensors that do not fit
+        ``like`` (checked from the headers, before anything is read).
+    """
+    out = []
+    for path in paths:
+        directory = hf.resolve_checkpoint(path, revision=revision)
+        cfg = LlamaConfig.from_dict(hf.load_config(directory))
+        out.append(streamed.CheckpointTree(directory, like, rename=_rename(cfg), ignore=_IGNORED,
+                                           allow_nonfinite=allow_nonfinite))
+    return out
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
