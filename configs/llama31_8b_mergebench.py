@@ -33,31 +33,40 @@ pool has the first two kinds of evaluator, so:
 The substitutes' dataset ids and columns are taken from their dataset cards (not verified
 here, offline); check them before a long run with ``--config.eval.limit=8``.
 
-Command (one GPU with >= 80 GB, or a TPU v4-8 / v5e-8 host; ``run.mesh="auto"`` shards the
-calibration batches and solves over every device)::
+Command (one accelerator with >= 141 GB today, see Memory; ``run.mesh="auto"`` shards the
+calibration batches, solves and evaluation batches over every visible device)::
 
     huggingface-cli login
     epmq run --config configs/llama31_8b_mergebench.py --workdir runs/llama31_8b_mergebench
 
 A smoke run: add ``--config.eval.limit=8 --config.calib.n_per_task=8 --config.quant.bits=4``.
 
-Memory. Parameters in bfloat16 are ~16 GB per model (8.03 B params). Today the pool loads the
-base and the five experts whole (6 models, ~96 GB host memory; merges and the calibration driver
-take them from there) plus the merge being calibrated and its quantized copy (~16 + ~5 GB); with
-streamed experts (issue 11 item 3) the driver holds one block of each expert (~0.44 GB each)
-instead, i.e. ~2 full models (base/merge and the variant being built, ~32 GB) plus T blocks.
-Device memory: one model (16 GB) plus activations: calibration keeps the hidden states of every
-calibration sequence for the merged path and each expert path, (1 + T) x n x S x 4096 x 4 bytes
-= 6 x 128 x 1024 x 16 KiB ~ 13 GB at n_per_task 128 and max_length 1024, plus one block's
-statistics (H up to 14336^2 x 4 B ~ 0.8 GB for ``down_proj``); evaluation holds the KV cache
-(32 layers x 2 x 8 heads x 128 x 2 B = 128 KiB per token: 16 sequences of 1024 tokens ~ 2 GB)
-and, for log-likelihood tasks, float32 logits of the batch (16 x 1024 x 128256 x 4 B ~ 8 GB).
+Memory (parameters in bfloat16: 8.03 B x 2 B = 16 GB per model):
 
-Estimated runtime on one H100 (not measured): loading 6 checkpoints ~10 min; each calibrated
-variant ~15-25 min (32 blocks x 7 layers, 640 sequences through 1 + 5 paths); each table row's
-evaluation ~10-15 min (GSM8K's 1319 greedy answers of up to 512 tokens dominate); the default
-grid (3 merges, 2 bit widths, sweep and ablations: ~40 rows) is therefore ~15-20 GPU-hours.
-Trim with ``--config.merge.methods=ta --config.calib.lam_sweep= --config.calib.ablations=``.
+- Models held at once, as the pools stand today: the base and the five experts are loaded whole
+  onto the accelerator (``from_pretrained`` places every tensor on the default device), 96 GB;
+  the runner keeps one merge per merge method (16 GB each) and builds one variant at a time
+  (16 GB float, ~5 GB packed). With ``merge.methods=("ta",)`` that is ~130 GB: one H200 (141 GB)
+  fits it, an 80 GB card does not; run the merge methods one at a time with ``run.resume``.
+  With streamed experts (issue 11 items 2-3: merges and the calibration driver read each
+  expert's leaves or block k from its safetensors) the experts cost one block each
+  (~0.44 GB x 5): base + merge + variant, ~48 GB, fit one 80 GB GPU.
+- Calibration activations: the driver keeps the hidden states of every calibration sequence on
+  the merged path and on the expert paths, 2 x T x n x S x 4096 x 2 B = 2 x 5 x 128 x 1024 x
+  8 KiB ~ 11 GB at ``calib.n_per_task=128`` and ``data.max_length=1024``, plus one group's
+  captured inputs (a batch of 8 x 1024 x 14336 x 4 B ~ 0.5 GB for ``down_proj``) and one
+  layer's statistics (H up to 14336^2 x 4 B ~ 0.8 GB).
+- Evaluation: the KV cache (32 layers x 2 x 8 heads x 128 x 2 B = 128 KiB per token; 16
+  GSM8K sequences of ~800 tokens ~ 1.7 GB) and, for log-likelihood tasks, the float32 logits of
+  a batch and their log-softmax (2 x 16 x 1024 x 128256 x 4 B ~ 17 GB; lower ``eval.batch_size``
+  on a smaller card).
+
+Estimated runtime on one H200 (not measured): downloading the 6 checkpoints (96 GB) 15-30 min;
+each calibrated variant ~5-10 min (32 blocks x 7 layers; 640 sequences of up to 1024 tokens
+through the merge and through the experts); each table row's evaluation ~10 min (GSM8K's 1319
+greedy answers of 512 tokens dominate: the decoder runs all 512 steps); the default grid (31
+rows, 27 of them calibrated) is therefore ~8-10 GPU-hours. Trim with
+``--config.merge.methods=ta --config.calib.lam_sweep= --config.calib.ablations=`` (~3 h).
 """
 
 import ml_collections

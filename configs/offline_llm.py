@@ -3,7 +3,7 @@
 Run:  epmq run --config configs/offline_llm.py          (sizes: full, small, tiny)
 
 Everything is made here, no download: the skills' data (``epmq_jax.data.offline_llm``:
-add, reverse, sort, count a letter, close brackets, modulo 9, Caesar shift, every second
+add, reverse, sort, count a letter, close brackets, a product modulo 10, Caesar shift, every second
 letter; prompts like ``rev:hdkwa=`` -> ``awkdh``), a character tokenizer, a foundation model
 (the project's ``LlamaForCausalLM``, pretrained briefly on the mixture of all skills) and one
 expert per skill fine-tuned from it (``epmq_jax.train_llm``); all cached under WORKDIR/cache.
@@ -33,8 +33,8 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     ))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64,
-        pretrain=dict(lr=2e-3, steps=800, warmup_steps=50, weight_decay=0.0),   # the weak foundation
-        finetune=dict(lr=1e-3, steps=300, warmup_steps=20, weight_decay=0.0),   # each expert
+        pretrain=dict(lr=2e-3, steps=600, warmup_steps=50, weight_decay=0.0),   # the weak foundation
+        finetune=dict(lr=1e-3, steps=150, warmup_steps=20, weight_decay=0.0),   # each expert
     ))
 
     # ---- pools (epmq_jax.pipeline.kinds)
@@ -44,7 +44,7 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     # ---- merge / quant / calib / eval / run (epmq_jax.pipeline)
     c.merge = ml_collections.ConfigDict(dict(
         methods=("ta", "ties", "regmean"),
-        scalings=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0),   # candidates, chosen on validation
+        scalings=(0.1, 0.2, 0.3, 0.5, 1.0),   # candidates, chosen on validation
         scaling=ml_collections.config_dict.placeholder(float),
         ties_density=0.2, ties_trim="global",
         regmean_alphas=(0.3, 0.6, 0.9),
@@ -58,15 +58,15 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
         checkpoint_bits=4, checkpoint_methods=("gptq", "epmq"),
     ))
     c.calib = ml_collections.ConfigDict(dict(
-        n_per_task=128, seed=0, batch_size=256,
+        n_per_task=128, seed=0, batch_size=128,   # one batch per skill
         lam=0.1, anchor="output", target="expert", alpha=0.25, task_weights="frobenius",
         rounding="gptq",
         lam_sweep=(0.0, 0.01, 0.1, 1.0, 10.0), sweep_merge="ta", sweep_bits=4,
         ablations=("target=merged", "target=mix", "anchor=weight", "rounding=rtn"),
     ))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=512, max_new_tokens=9, progress=True,
+    c.eval = ml_collections.ConfigDict(dict(batch_size=800, max_new_tokens=9, progress=True,
                                             limit=ml_collections.config_dict.placeholder(int)))
-    c.run = ml_collections.ConfigDict(dict(mesh="", resume=False))
+    c.run = ml_collections.ConfigDict(dict(mesh="", resume=False, cache_dir=""))  # "" = WORKDIR/cache
     _resize(c, size)
     return c
 
@@ -87,7 +87,7 @@ def _resize(c: ml_collections.ConfigDict, size: str) -> None:
         c.train.finetune.update(dict(steps=10, warmup_steps=2))
         c.merge.update(dict(methods=("ta", "regmean"), scalings=(0.3, 1.0), regmean_alphas=(0.5, 1.0)))
         c.quant.update(dict(bits=(4,), group_size=16))
-        c.calib.update(dict(n_per_task=16, batch_size=64, lam_sweep=(0.0, 0.1), ablations=("anchor=weight",)))
+        c.calib.update(dict(n_per_task=16, batch_size=16, lam_sweep=(0.0, 0.1), ablations=("anchor=weight",)))
         c.eval.update(dict(batch_size=128, progress=False))
     else:
         raise ValueError(f"offline_llm: size must be 'full', 'small' or 'tiny', got {size!r}")

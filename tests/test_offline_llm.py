@@ -173,6 +173,28 @@ def test_expert_row_recomputed_without_the_kv_cache(tiny_run):
     assert row["avg"] > 0   # the tiny experts answer some prompts right
 
 
+def test_greedy_batches_rounded_to_the_mesh(tiny_run):
+    """13 prompts, batch_size 64, rows split over the 8 test devices: one batch of 16 rows (13
+    rounded up to the mesh), answers equal to the plain greedy loop without a KV cache."""
+    from epmq_jax.eval import llm as ev
+
+    workdir, _ = tiny_run
+    cfg = _cfg()
+    _, mp, _ = pipeline.start(cfg, workdir)
+    tok = offline_llm.CharTokenizer()
+    prompts = [tok.prompt_ids(p) for p in mp.suite[cfg.suite.tasks[0]].examples("test")[0][:13]]
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batches = ev._batches(len(prompts), 64, sharding)
+    assert [len(b) for b in batches] == [16] and sorted(set(batches[0].tolist())) == list(range(13))
+    params = mp.experts()[0]
+    got = ev.greedy_continuations(mp.graphdef, params, prompts, max_new_tokens=6, eos_ids=[tok.EOS],
+                                  pad_id=tok.PAD, batch_size=64, sharding=sharding)
+    assert got == _greedy_without_cache(mp.graphdef, params, prompts, 6, tok.EOS)
+    assert [len(b) for b in ev._batches(300, 800)] == [304]     # 300 rounded up to 8, not 800
+    assert [len(b) for b in ev._batches(20, 8)] == [8, 8, 8]
+
+
 def test_checkpoint_reloads_with_epmq_eval(tiny_run, capsys):
     _, doc = tiny_run
     ckpt = doc["checkpoints"]["ta_epmq_w4"]
@@ -181,3 +203,17 @@ def test_checkpoint_reloads_with_epmq_eval(tiny_run, capsys):
     params = pipeline.load_checkpoint(ckpt)[-1]
     qws = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
     assert len(qws) == 7 * _cfg().model.num_hidden_layers and all(q.bits == 4 for q in qws)
+
+
+@pytest.mark.parametrize("size", ["full", "small", "tiny"])
+def test_every_size_loads_and_validates(size):
+    from epmq_jax.pipeline import validate
+
+    cfg = load_with_overrides(str(ROOT / "configs" / "offline_llm.py") + f":{size}")
+    validate.check_config(cfg)
+    assert cfg.model_pool.kind == cfg.task_pool.kind == "offline_llm"
+
+
+def test_unknown_size_is_refused():
+    with pytest.raises(ValueError, match="size must be 'full', 'small' or 'tiny'"):
+        load_with_overrides(str(ROOT / "configs" / "offline_llm.py") + ":huge")

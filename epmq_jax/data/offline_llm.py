@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-_DATA_VERSION = 1  # bump when a skill's generator or rule changes, so cached data is rebuilt
+_DATA_VERSION = 2  # bump when a skill's generator or rule changes, so cached data is rebuilt
 SPLITS = ("train", "validation", "test")
 _LETTERS = string.ascii_lowercase
 _DIGITS = string.digits
@@ -123,7 +123,7 @@ def _number(rng: np.random.Generator, lo_digits: int, hi_digits: int) -> int:
 
 
 def _add_input(rng):
-    return f"{_number(rng, 1, 2)}+{_number(rng, 1, 2)}"
+    return f"{_number(rng, 1, 3)}+{_number(rng, 1, 1)}"
 
 
 def _add_answer(x):
@@ -179,9 +179,9 @@ def _caesar_answer(x):
 
 
 SKILLS: dict[str, Skill] = {
-    "add": Skill("add", _add_input, _add_answer, "sum of two numbers of 1-2 digits"),
-    "reverse": Skill("rev", lambda r: _word(r, _LETTERS, 4, 8), lambda x: x[::-1],
-                     "a string of 4-8 letters reversed"),
+    "add": Skill("add", _add_input, _add_answer, "a number of 1-3 digits plus a digit"),
+    "reverse": Skill("rev", lambda r: _word(r, _LETTERS, 3, 6), lambda x: x[::-1],
+                     "a string of 3-6 letters reversed"),
     "sort": Skill("srt", lambda r: _word(r, _DIGITS, 4, 8), lambda x: "".join(sorted(x)),
                   "4-8 digits sorted ascending"),
     "count": Skill("cnt", _count_input, _count_answer,

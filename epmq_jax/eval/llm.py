@@ -21,6 +21,7 @@ once or a few times per shape.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,13 +60,27 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _batches(n: int, batch_size: int) -> list[np.ndarray]:
-    """Row indices of each batch, the last one filled up with its first row."""
+def _batches(n: int, batch_size: int, sharding: Any = None) -> list[np.ndarray]:
+    """Row indices of each batch, the last one filled up with its first row.
+
+    Batches have ``batch_size`` rows, or ``n`` rounded up to a multiple of 8 (and of the
+    devices of ``sharding``) when that is fewer.
+    """
+    multiple = 8 if sharding is None else math.lcm(8, len(sharding.device_set))
+    batch_size = min(batch_size, _round_up(n, multiple))
     out = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         out.append(np.concatenate([idx, np.full(batch_size - len(idx), idx[0])]))
     return out
+
+
+def _replicated(params: Params, sharding: Any) -> Params:
+    """``params`` on every device of ``sharding``'s mesh (as they are without a sharding), so a
+    batch split over the mesh finds them there."""
+    if sharding is None:
+        return params
+    return jax.device_put(params, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def greedy_continuations(graphdef: Any, params: Params, prompts: Sequence[Sequence[int]], *,
@@ -83,7 +98,8 @@ def greedy_continuations(graphdef: Any, params: Params, prompts: Sequence[Sequen
       batch_size: rows per ``generate`` call (a multiple of the devices of ``sharding``).
       length_multiple: prompt lengths are padded to a multiple of it (fewer compiles).
       max_length: longer prompts keep their last ``max_length`` tokens.
-      sharding: optional ``NamedSharding`` splitting each batch's rows over devices.
+      sharding: optional ``NamedSharding`` splitting each batch's rows over devices (the
+        params are replicated over its mesh).
 
     Returns:
       Per prompt, its new tokens before the first eos (the eos itself excluded).
@@ -98,10 +114,10 @@ def greedy_continuations(graphdef: Any, params: Params, prompts: Sequence[Sequen
     longest = max(len(p) for p in prompts)
     length = _round_up(longest if max_length is None else min(longest, max_length), length_multiple)
     ids, mask = pad_left(prompts, length, pad_id)
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, _replicated(params, sharding))
     stop = set(int(e) for e in eos_ids)
     out: list[list[int] | None] = [None] * len(prompts)
-    for rows in _batches(len(prompts), batch_size):
+    for rows in _batches(len(prompts), batch_size, sharding):
         x, m = ids[rows], mask[rows]
         if sharding is not None:
             x, m = jax.device_put(x, sharding), jax.device_put(m, sharding)
@@ -193,8 +209,9 @@ def continuation_logprobs(graphdef: Any, params: Params,
     length = _round_up(longest if max_length is None else min(longest, max_length), length_multiple)
     ids, mask = pad_left(rows, length, pad_id)
     fn = _next_token_logprobs_fn(graphdef)
+    params = _replicated(params, sharding)
     out = np.zeros(len(pairs), np.float64)
-    for batch in _batches(len(pairs), batch_size):
+    for batch in _batches(len(pairs), batch_size, sharding):
         x, m = ids[batch], mask[batch]
         if sharding is not None:
             x, m = jax.device_put(x, sharding), jax.device_put(m, sharding)
