@@ -3,7 +3,8 @@
 - :mod:`~epmq_jax.pipeline.variants`: the rows a config asks for (:func:`plan`, :class:`Variant`);
 - :mod:`~epmq_jax.pipeline.pools`: the ModelPool / TaskPool protocols and the run :class:`Context`;
 - :mod:`~epmq_jax.pipeline.kinds`: ``model_pool.kind`` / ``task_pool.kind`` -> pool classes
-  (:mod:`~epmq_jax.pipeline.offline_pools`, :mod:`~epmq_jax.pipeline.hf_pools`);
+  (:mod:`~epmq_jax.pipeline.offline_pools`, :mod:`~epmq_jax.pipeline.hf_pools`,
+  :mod:`~epmq_jax.pipeline.llm_pools`, :mod:`~epmq_jax.pipeline.offline_llm_pools`);
 - :mod:`~epmq_jax.pipeline.validate`: the whole config checked before any work;
 - :mod:`~epmq_jax.pipeline.stages`: merge, choose on validation, calibrate, score;
 - :mod:`~epmq_jax.pipeline.runner`: :func:`run` and the single-step commands;

@@ -8,19 +8,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from epmq_jax.pipeline import hf_pools, offline_pools
+from epmq_jax.pipeline import hf_pools, llm_pools, offline_llm_pools, offline_pools
 from epmq_jax.pipeline.pools import Context, ModelPool, ModelPoolBuilder, TaskPool, TaskPoolBuilder
 
 MODEL_POOLS: dict[str, ModelPoolBuilder] = {
     "offline_suite": offline_pools.OfflineModelPool,
     "hf_clip": hf_pools.CLIPModelPool,
     "hf_t5": hf_pools.T5ModelPool,
+    "hf_llm": llm_pools.LLMModelPool,
+    "offline_llm": offline_llm_pools.OfflineLLMModelPool,
 }
 
 TASK_POOLS: dict[str, TaskPoolBuilder] = {
     "offline_suite": offline_pools.OfflineTaskPool,
     "clip_zeroshot": hf_pools.CLIPZeroShotTaskPool,
     "glue": hf_pools.GlueTaskPool,
+    "llm_tasks": llm_pools.LLMTaskPool,
+    "offline_llm": offline_llm_pools.OfflineLLMTaskPool,
 }
 
 
