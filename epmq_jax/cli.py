@@ -207,7 +207,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     if args.command == "report":
         pipeline.write_report(report.read_json(results), results.parent, plots=args.plots)
     elif args.command == "export":
-        from epmq_jax.export_hf import export_checkpoint
+        from epmq_jax.pipeline.checkpoints import export_checkpoint
 
         export_checkpoint(args.checkpoint, args.out, checkpoint_format=args.format, overwrite=args.overwrite)
     elif args.command == "eval":

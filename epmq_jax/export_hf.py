@@ -236,8 +236,9 @@ def _quantization_config(quantized: dict[str, QuantizedWeight], linears: list[st
     return qc
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuses an ``out_dir`` that cannot be (re)written, before anything is written."""
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuses an ``out_dir`` that cannot be (re)written, before anything is written (also
+    called by ``epmq export`` before it loads the checkpoint)."""
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ValueError(f"out_dir: {out_dir} is a file; expected a directory to write")
@@ -371,7 +372,7 @@ def save_pretrained(model_or_config: Any, params: Any, out_dir: str | os.PathLik
         raise ValueError(f"dtype={dtype!r}; expected one of {_DTYPES}")
     max_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     tokenizer = _tokenizer_files(tokenizer_dir)
     config, family, params = _resolve_model(model_or_config, params)
     model_type = config["model_type"]
@@ -412,62 +413,3 @@ def save_pretrained(model_or_config: Any, params: Any, out_dir: str | os.PathLik
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _tokenizer_source(model_pool_cfg: Any, log: Callable[[str], None]) -> Path | None:
-    """The local directory holding a run's tokenizer / processor files, if there is one."""
-    src = model_pool_cfg.get("tokenizer") or model_pool_cfg.get("base")
-    if not src:
-        return None
-    d = Path(str(src)).expanduser()
-    if not d.is_dir():
-        try:
-            import huggingface_hub
-
-            d = Path(huggingface_hub.snapshot_download(str(src), local_files_only=True,
-                                                       revision=model_pool_cfg.get("revision")))
-        except Exception:    # not cached, no huggingface_hub: the export goes without it
-            log(f"[epmq] tokenizer files of {src} are not on this machine; not copied")
-            return None
-    return d if any((d / f).is_file() for f in TOKENIZER_FILES) else None
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      checkpoint_format: str = "gptq", overwrite: bool = False,
-                      log: Callable[[str], None] | None = None) -> Path:
-    """``epmq export``: a run's packed checkpoint (:mod:`epmq_jax.pipeline.checkpoints`) as a
-    Hugging Face GPTQ directory (:func:`save_pretrained`).
-
-    The model pool rebuilt from the checkpoint's config gives the model (the vision tower for
-    CLIP runs, written as a ``CLIPVisionModelWithProjection``; T5; Llama-family decoders) and
-    its tokenizer files (``model_pool.tokenizer`` or ``model_pool.base`` when they are on this
-    machine). A GPTQ or E-PMQ row with GPTQ rounding adds ``damp_percent`` (``quant.damp``) and
-    ``true_sequential``; the row's merge and method go into ``quantization_config.meta``.
-
-    Raises:
-      ValueError: ``checkpoint`` is not a run checkpoint, or see :func:`save_pretrained`.
-    """
-    from flax import nnx
-
-    from epmq_jax.pipeline import load_checkpoint
-    from epmq_jax.pipeline.pools import say
-
-    log = log or say
-    if checkpoint_format not in gptq_format.CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format={checkpoint_format!r}; expected one of "
-                         f"{gptq_format.CHECKPOINT_FORMATS}")
-    _check_out_dir(Path(out_dir), overwrite)      # before the (slow) load
-    meta, ctx, model_pool, _, params = load_checkpoint(checkpoint, log=log)
-    model = nnx.merge(model_pool.graphdef, model_pool.abstract_params())
-    row, cfg = meta["row"], ctx.cfg
-    extra: dict[str, Any] = {"meta": {"epmq_merge": row["merge"], "epmq_method": row["method"]}}
-    if row["method"] in ("gptq", "epmq") and row.get("rounding") in (None, "gptq"):
-        extra["true_sequential"] = True
-        damp = float(cfg.quant.damp)
-        if 0 < damp < 1:      # the range transformers' GPTQConfig accepts
-            extra["damp_percent"] = damp
-    out = save_pretrained(model.config, params, out_dir, checkpoint_format=checkpoint_format,
-                          tokenizer_dir=_tokenizer_source(cfg.model_pool, log),
-                          quantization_config=extra, overwrite=overwrite)
-    log(f"[epmq] wrote {out} ({checkpoint_format}) from {checkpoint}")
-    return out

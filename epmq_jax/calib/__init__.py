@@ -14,6 +14,7 @@ from epmq_jax.calib.adapter import (
 from epmq_jax.calib.adapters_llm import DecoderAdapter, decoder_adapter
 from epmq_jax.calib.adapters_t5 import T5Adapter, t5_adapter
 from epmq_jax.calib.driver import CalibConfig, CalibResult, calibrate
+from epmq_jax.calib.full import FullConfig
 from epmq_jax.calib.layer import epmq_layer
 from epmq_jax.calib.objectives import Objective, System, layer_system, objective_value
 from epmq_jax.calib.regmean import regmean_merge
@@ -26,6 +27,7 @@ __all__ = [
     "CalibAdapter",
     "CalibConfig",
     "CalibResult",
+    "FullConfig",
     "NnxAdapter",
     "calibrate",
     "capture_linen",

@@ -87,6 +87,7 @@ from epmq_jax.calib.solve import (
     effective_kernel,
     finish_stats,
     layer_step,
+    stat_float,
 )
 from epmq_jax.models import streamed
 from epmq_jax.quant import QuantSpec
@@ -739,7 +740,7 @@ def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) ->
         s = finish_stats(r, path=path, shape=shape, objective=config.objective,
                          rounding=config.rounder, damp=config.damp,
                          damp_center=config.damp_center, gptq_damp=config.gptq_damp)
-        s.update(block=k, group=gi, n_rows=_f32(n), task_weights=[_f32(o) for o in om])
+        s.update(block=k, group=gi, n_rows=stat_float(n), task_weights=[stat_float(o) for o in om])
         kernels[path] = q
         out.append(s)
     return out
@@ -749,11 +750,6 @@ def _per_batch(stacked: Sequence[PyTree]) -> list[list[PyTree]]:
     """Per task, the stacked batches ``(n_batches, batch, ...)`` as a list of single batches."""
     return [[jax.tree.map(lambda x, i=i: x[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0])]
             for tree in stacked]
-
-
-def _f32(v) -> float:
-    """A float32 scalar as the Python float of its shortest repr (0.01, not 0.009999999776)."""
-    return float(str(np.float32(v)))
 
 
 def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibResult:

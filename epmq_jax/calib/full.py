@@ -54,6 +54,7 @@ from epmq_jax.calib.solve import (
     finish_stats,
     layer_step,
     round_weight,
+    stat_float,
 )
 
 PyTree = Any
@@ -603,7 +604,6 @@ def finish_block(pending: list[dict], block_id, config, bpath: Sequence, kernels
     Raises:
       ValueError: a solve whose H is not positive definite (kernels) or a singular norm fit.
     """
-    from epmq_jax.calib.driver import _f32
 
     prefix = "/".join(str(p) for p in bpath)
     full_path = lambda rel: f"{prefix}/{rel}" if prefix else rel
@@ -617,7 +617,7 @@ def finish_block(pending: list[dict], block_id, config, bpath: Sequence, kernels
                 raise ValueError(f"{path}: the norm fit's 2x2 systems are singular even with damping "
                                  f"{config.damp:g} (non-finite statistics?)")
             s = {"path": path, "kind": "norm", "rounding": "none",
-                 **{k: (int(v) if k == "n_dead" else _f32(v)) for k, v in r.items() if k != "ok"}}
+                 **{k: (int(v) if k == "n_dead" else stat_float(v)) for k, v in r.items() if k != "ok"}}
             kernels[f"{path}/scale"] = e["gamma"]
             if e["beta"] is not None:
                 kernels[f"{path}/bias"] = e["beta"]
@@ -629,8 +629,8 @@ def finish_block(pending: list[dict], block_id, config, bpath: Sequence, kernels
             kernels[path] = e["q"]
             if e["bias"] is not None:
                 kernels[full_path(bias_path(e["rel"]))] = e["bias"]
-        s.update(block=block_id, group=e["group"], n_rows=_f32(n), task_weights=[_f32(o) for o in om],
-                 token_rest=rest, read_share=_f32(read / n) if n > 0 else None)
+        s.update(block=block_id, group=e["group"], n_rows=stat_float(n), task_weights=[stat_float(o) for o in om],
+                 token_rest=rest, read_share=stat_float(read / n) if n > 0 else None)
         out.append(s)
     return out
 

@@ -52,6 +52,12 @@ _MAX_DAMP_RETRIES = 8      # δ → max(10δ, 1e-3), as quant.gptq
 _WARN_DAMP_FACTOR = 10.0   # damping raised beyond this factor is reported in words
 
 
+def stat_float(v) -> float:
+    """A float32 scalar as the Python float of its shortest repr (0.01, not 0.009999999776), for
+    the solver statistics."""
+    return float(str(np.float32(v)))
+
+
 def check_damping(damp: Any, damp_center: Any, *, name: str = "damp") -> None:
     """Raises ValueError unless ``damp`` is a finite number >= 0 and the centre is known."""
     try:

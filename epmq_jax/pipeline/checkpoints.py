@@ -16,7 +16,8 @@ reported split and compares every per-task score with the recorded row.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,65 @@ def eval_checkpoint(path: str | Path, *, log: Log = say) -> dict[str, Any]:
     log(f"[epmq] {'reproduces' if match else 'DOES NOT reproduce'} the recorded row "
         f"(avg {rec['avg']:.2f} recorded, {row['avg']:.2f} now)")
     return {"row": row, "recorded": rec, "matches_recorded": match}
+
+
+def _tokenizer_source(model_pool_cfg: Any, log: Callable[[str], None]) -> Path | None:
+    """The local directory holding a run's tokenizer / processor files, if there is one."""
+    from epmq_jax import export_hf
+
+    src = model_pool_cfg.get("tokenizer") or model_pool_cfg.get("base")
+    if not src:
+        return None
+    d = Path(str(src)).expanduser()
+    if not d.is_dir():
+        try:
+            import huggingface_hub
+
+            d = Path(huggingface_hub.snapshot_download(str(src), local_files_only=True,
+                                                       revision=model_pool_cfg.get("revision")))
+        except Exception:    # not cached, no huggingface_hub: the export goes without it
+            log(f"[epmq] tokenizer files of {src} are not on this machine; not copied")
+            return None
+    return d if any((d / f).is_file() for f in export_hf.TOKENIZER_FILES) else None
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      checkpoint_format: str = "gptq", overwrite: bool = False,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """``epmq export``: a run's packed checkpoint (this module) as a Hugging Face GPTQ directory
+    (:func:`epmq_jax.export_hf.save_pretrained`).
+
+    The model pool rebuilt from the checkpoint's config gives the model (the vision tower for
+    CLIP runs, written as a ``CLIPVisionModelWithProjection``; T5; Llama-family decoders) and
+    its tokenizer files (``model_pool.tokenizer`` or ``model_pool.base`` when they are on this
+    machine). A GPTQ or E-PMQ row with GPTQ rounding adds ``damp_percent`` (``quant.damp``) and
+    ``true_sequential``; the row's merge and method go into ``quantization_config.meta``.
+
+    Raises:
+      ValueError: ``checkpoint`` is not a run checkpoint, or see
+        :func:`epmq_jax.export_hf.save_pretrained`.
+    """
+    from flax import nnx
+
+    from epmq_jax import export_hf
+    from epmq_jax.models import gptq_format
+
+    log = log or say
+    if checkpoint_format not in gptq_format.CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r}; expected one of "
+                         f"{gptq_format.CHECKPOINT_FORMATS}")
+    export_hf.check_out_dir(Path(out_dir), overwrite)      # before the (slow) load
+    meta, ctx, model_pool, _, params = load_checkpoint(checkpoint, log=log)
+    model = nnx.merge(model_pool.graphdef, model_pool.abstract_params())
+    row, cfg = meta["row"], ctx.cfg
+    extra: dict[str, Any] = {"meta": {"epmq_merge": row["merge"], "epmq_method": row["method"]}}
+    if row["method"] in ("gptq", "epmq") and row.get("rounding") in (None, "gptq"):
+        extra["true_sequential"] = True
+        damp = float(cfg.quant.damp)
+        if 0 < damp < 1:      # the range transformers' GPTQConfig accepts
+            extra["damp_percent"] = damp
+    out = export_hf.save_pretrained(model.config, params, out_dir, checkpoint_format=checkpoint_format,
+                          tokenizer_dir=_tokenizer_source(cfg.model_pool, log),
+                          quantization_config=extra, overwrite=overwrite)
+    log(f"[epmq] wrote {out} ({checkpoint_format}) from {checkpoint}")
+    return out
