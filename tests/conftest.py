@@ -10,6 +10,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TFDS_DISABLE_GCS"] = "1"
 os.environ["NO_GCE_CHECK"] = "true"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# No persistent compilation cache in tests: the runner turns it on (WORKDIR/cache/jax) for the
+# first run of the process, and in a whole-suite process jaxlib 0.10.2 once crashed (SIGSEGV in
+# LoadedExecutable.serialize() while writing an entry). The tests measure no cache; every
+# subprocess they start inherits this.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 
 def pytest_sessionstart(session):
