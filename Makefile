@@ -43,7 +43,7 @@ lint: $(VENV)/.test-installed
 
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check epmq_jax tests benchmarks configs
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python tests/run_suite.py -j 2   # each test file in its own pytest process, two at once
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
