@@ -339,3 +339,29 @@ def test_python_lists_work_and_spec_none_is_fine_unrounded():
     want = epmq_layer(wm, ws, xs, None, rounding="none")
     got = epmq_layer(wm.tolist(), [w.tolist() for w in ws], [x.tolist() for x in xs], None, rounding="none")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_gptq_rounding_reuses_the_solves_factorisation():
+    """E-PMQ + GPTQ factors H once when GPTQ's δ is the solve's (twice when it is not), and the
+    rounded objective is the same either way (with a dead input, whose diagonal the two
+    factorisations damp differently)."""
+    import jax
+
+    from epmq_jax.calib.solve import layer_step
+    wm, ws, xs, xts = _problem(seed=21, d_in=32)
+    for x in xs:
+        x[:, 3] = 0.0
+    obj = Objective(kind="epmq", lam=0.1)
+    m, _ = accumulate([[(x, jnp.asarray(xt) @ w)] for x, xt, w in zip(xs, xts, ws)], "frobenius")
+
+    def step(gptq_damp):
+        return layer_step(obj, m, jnp.asarray(wm), SPEC, damp=0.01, gptq_damp=gptq_damp)[2]["obj_rounded"]
+
+    def n_chol(gptq_damp):
+        return str(jax.make_jaxpr(lambda: step(gptq_damp))()).count("cholesky")
+
+    assert n_chol(None) == n_chol(0.01) > 0      # (a factorisation = a first try + the retry loop's)
+    assert n_chol(0.02) == 2 * n_chol(None)
+    # the same δ through the other path (a value equal to 0.01 in float32 but not in Python)
+    np.testing.assert_allclose(float(step(None)), float(step(0.01 + 1e-12)), rtol=1e-4)
+    assert int(layer_step(obj, m, jnp.asarray(wm), SPEC, damp=0.01)[2]["n_dead"]) == 1

@@ -275,3 +275,45 @@ def test_compiles_once_per_shape_and_runs_under_jit():
     assert _gptq._cache_size() == before
     jitted = jax.jit(lambda w, h, d: gptq(w, h, spec, damp=d).dequantize())(w, h, 0.01)
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
+
+
+def test_damped_factor_is_the_reversed_cholesky_of_the_damped_hessian():
+    """R upper with R Rᵀ = H + δ·mean(diag H)·I, against NumPy float64."""
+    from epmq_jax.quant import damped_factor
+    _, h = correlated_problem(3, 96, 8)
+    r, used, ok = damped_factor(jnp.asarray(h), jnp.float32(0.05))
+    r = np.asarray(r, np.float64)
+    want = h.astype(np.float64) + 0.05 * np.mean(np.diag(h)) * np.eye(96)
+    assert bool(ok) and float(used) == pytest.approx(0.05)
+    assert np.allclose(r, np.triu(r))
+    np.testing.assert_allclose(r @ r.T, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.filterwarnings("error")
+def test_given_factor_matches_numpy_reference_and_skips_the_factorisation():
+    """GPTQ on a caller's factor: the reference's codes (float64), no Cholesky in the program."""
+    from epmq_jax.quant import damped_factor
+    w, h = correlated_problem(0, 192, 48)
+    spec = QuantSpec(bits=4, group_size=32)
+    with jax.enable_x64(True):
+        h64 = jnp.asarray(h, jnp.float64)
+        factor = damped_factor(h64, jnp.float64(0.01))
+        qw = gptq(w.astype(np.float64), h64, spec, block_size=64, factor=factor)
+        dq = np.asarray(qw.dequantize())
+    ref = np_gptq(w, h, 4, 32, False, blocksize=64)
+    assert np.mean(np.abs(dq - ref) > 1e-5 * np.abs(ref).max()) == 0.0
+    prog = str(jax.make_jaxpr(lambda w, h, f: gptq(w, h, spec, factor=f).dequantize())(
+        w, h, damped_factor(jnp.asarray(h), jnp.float32(0.01))))
+    assert "cholesky" not in prog
+    assert "cholesky" in str(jax.make_jaxpr(lambda w, h: gptq(w, h, spec).dequantize())(w, h))
+
+
+def test_bad_factor_raises():
+    from epmq_jax.quant import damped_factor
+    w, h = correlated_problem(0, 64, 8)
+    spec = QuantSpec(bits=4, group_size=32)
+    f = damped_factor(jnp.asarray(h), jnp.float32(0.01))
+    with pytest.raises(ValueError, match="factor: act_order"):
+        gptq(w, h, spec, act_order=True, factor=f)
+    with pytest.raises(ValueError, match=r"factor: expected .*R of shape \(32, 32\)"):
+        gptq(w, h, spec, factor=damped_factor(jnp.asarray(h[:32, :32]), jnp.float32(0.01)))

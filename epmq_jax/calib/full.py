@@ -378,7 +378,7 @@ def affine_layer_step(objective: Objective, m: st.Moments, w_anchor: jax.Array, 
       (``obj_rounded`` = L(Q, b)).
     """
     w_bar = jnp.concatenate([w_anchor.astype(jnp.float32), b_anchor.astype(jnp.float32)[None]], 0)
-    w_star, h, h_round, resid, obj_m, obj_r, info = _relax(
+    w_star, h, h_round, resid, obj_m, obj_r, _, info = _relax(
         jnp.float32(objective.lam), m, w_bar, jnp.float32(damp),
         objective=dataclasses.replace(objective, lam=0.0), damp_center=damp_center, columns=None)
     ridge_b = _bias_ridge(h, info["damp"])

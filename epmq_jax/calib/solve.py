@@ -10,10 +10,14 @@ merge) keeps the reference's policy instead: a dead row is zeroed (:func:`epmq_j
 centre (``damp_center``) are options. δμ is added to the live diagonal (μ as above); with centre
 ``merged`` the right-hand side gets δμ·W_m, so we solve (H + δμI)W = B + δμW_m: a tiny weight
 anchor toward the merge (W* = W_m exactly when B = HW_m, whatever δ); with centre ``zero`` the
-plain ridge (H + δμI)W = B of GPTQ. While the Cholesky factorisation fails (H indefinite in
-float32), δ is raised tenfold (at least to 0.001), up to 8 times, as :func:`epmq_jax.quant.gptq`
-does; the δ actually used is reported. With δ = 0 on a positive-definite H the solve is exactly
-H⁻¹B (the unanchored solve when λ = 0 too).
+plain ridge (H + δμI)W = B of GPTQ. The factorisation is GPTQ's own
+(:func:`epmq_jax.quant.damped_factor`: H + δμ·diag(live) = RRᵀ with R upper, then two
+triangular solves), so GPTQ rounding with the same δ reuses it instead of factoring H again
+(it differs from GPTQ's H + δμI only on dead rows, which are decoupled from the rest and
+rounded on their own either way). While it fails (H indefinite in float32), δ is raised tenfold
+(at least to 0.001), up to 8 times, as :func:`epmq_jax.quant.gptq` does; the δ actually used is
+reported. With δ = 0 on a positive-definite H the solve is exactly H⁻¹B (the unanchored solve
+when λ = 0 too).
 
 Rounders: ``gptq`` (``epmq_jax.quant.gptq(W*, H)``), ``rtn`` (``epmq_jax.quant.rtn(W*)``) or
 ``none`` (W* itself, float). Every rounder returns the kernel in W_m's dtype (float32 inside). ``awq`` is a rounding of the driver but not of one layer: its
@@ -42,13 +46,13 @@ from jax.sharding import PartitionSpec as P
 from epmq_jax.calib._placement import fixed_total
 from epmq_jax.calib.objectives import Objective, system_and_merged, value_from_product
 from epmq_jax.calib.stats import Moments
+from epmq_jax.quant import QuantSpec, damped_factor, gptq, rtn
 
 Rounding = Literal["gptq", "rtn", "awq", "none"]
 ROUNDINGS = ("gptq", "rtn", "awq", "none")
 DampCenter = Literal["merged", "zero"]
 DAMP_CENTERS = ("merged", "zero")
 _HI = jax.lax.Precision.HIGHEST
-_MAX_DAMP_RETRIES = 8      # δ → max(10δ, 1e-3), as quant.gptq
 _WARN_DAMP_FACTOR = 10.0   # damping raised beyond this factor is reported in words
 
 
@@ -85,54 +89,33 @@ def _fix_dead(h: jax.Array, b: jax.Array, center: jax.Array):
     return h, b, live, mu
 
 
-def _damped_cholesky(h: jax.Array, damp: jax.Array, ridge: jax.Array):
-    """Lower Cholesky factor of ``h + δ·diag(ridge)``, raising δ while the factorisation fails.
-
-    Returns ``(L, δ used, ok)``; ``ok`` is False when even the largest δ tried fails. The first
-    attempt runs outside the retry loop (the common case pays one factorisation, nothing more).
-    """
-    idx = jnp.arange(h.shape[0])
-
-    def attempt(d):
-        l = jnp.linalg.cholesky(h.at[idx, idx].add(d * ridge))
-        return l, jnp.all(jnp.isfinite(jnp.diag(l)))       # a failed factorisation is all NaN
-
-    def retry(state):
-        d, _, _, k = state
-        d = jnp.maximum(10.0 * d, 1e-3).astype(d.dtype)
-        return (d, *attempt(d), k + 1)
-
-    l, ok = attempt(damp)
-    used, l, ok, _ = jax.lax.while_loop(lambda s: ~s[2] & (s[3] < _MAX_DAMP_RETRIES), retry,
-                                        (damp, l, ok, 0))
-    return l, used, ok
-
-
 def _solve(h, b, center, damp, damp_center: str, columns=None):
-    """The damped solve; returns ``(W*, H·W*, H with dead inputs fixed, info)`` (H·W* for the
-    undamped H, without a matmul)."""
+    """The damped solve; returns ``(W*, H·W*, H with dead inputs fixed, factor, info)`` (H·W*
+    for the undamped H, without a matmul; ``factor`` = ``quant.damped_factor`` of the fixed H,
+    which GPTQ rounding with the same δ reuses)."""
     h = h.astype(jnp.float32)
     b = b.astype(jnp.float32)
     center = center.astype(jnp.float32)
     hf, bf, live, mu = _fix_dead(h, b, center)
     ridge = jnp.where(live, mu, 0.0)
-    l, d, ok = _damped_cholesky(hf, jnp.asarray(damp, jnp.float32), ridge)
+    r, d, ok = damped_factor(hf, jnp.asarray(damp, jnp.float32), ridge)   # R Rᵀ = H_fix + δ·ridge
     reg = (d * ridge)[:, None]
     rhs = bf + reg * center if damp_center == "merged" else bf
 
-    def cho(l, rhs):
-        return jax.scipy.linalg.cho_solve((l, True), rhs)
+    def tri(r, rhs):     # (R Rᵀ)⁻¹ rhs: two triangular solves
+        z = jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
+        return jax.scipy.linalg.solve_triangular(r, z, lower=False, trans="T")
 
     if columns is not None:     # (mesh, axis): every device solves its own output channels
         mesh, axis = columns
-        cho = jax.shard_map(cho, mesh=mesh, in_specs=(P(), P(None, axis)), out_specs=P(None, axis))
-    w = cho(l, rhs)
-    # (H_fix + reg) W = rhs  =>  H W = rhs − reg·W − μ·dead·W   (dead rows of H are zero)
-    hw = rhs - reg * w - jnp.where(live, 0.0, mu)[:, None] * w
-    dl = jnp.diag(l)
-    info = {"damp": d, "cond": (jnp.max(dl) / jnp.min(dl)) ** 2, "ok": ok,
+        tri = jax.shard_map(tri, mesh=mesh, in_specs=(P(), P(None, axis)), out_specs=P(None, axis))
+    w = jnp.where(live[:, None], tri(r, rhs), center)    # dead rows: exactly center_i
+    # (H_fix + reg) W = rhs  =>  H W = rhs − reg·W on live rows; dead rows of H are zero
+    hw = jnp.where(live[:, None], rhs - reg * w, 0.0)
+    dr = jnp.diag(r)
+    info = {"damp": d, "cond": (jnp.max(dr) / jnp.min(dr)) ** 2, "ok": ok,
             "n_dead": jnp.sum(~live).astype(jnp.int32)}
-    return w, hw, hf, info
+    return w, hw, hf, (r, d, ok), info
 
 
 @functools.partial(jax.jit, static_argnames="damp_center")
@@ -149,11 +132,11 @@ def solve(h: jax.Array, b: jax.Array, center: jax.Array, damp: float = 0.01, *,
       damp_center: ``merged`` or ``zero``.
 
     Returns:
-      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag L / min diag L)² for
-      the Cholesky factor L of the damped H (a cheap lower bound on its κ₂), "ok": bool,
+      ``(W*, info)`` with ``info`` = ``{"damp": δ used, "cond": (max diag R / min diag R)² for
+      the triangular factor R of the damped H (a cheap lower bound on its κ₂), "ok": bool,
       "n_dead": number of dead inputs}``.
     """
-    w, _, _, info = _solve(h, b, center, damp, damp_center)
+    w, _, _, _, info = _solve(h, b, center, damp, damp_center)
     return w, info
 
 
@@ -167,7 +150,7 @@ def _check_layer_rounding(rounding: str) -> None:
 
 
 def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gptq", *,
-                 damp: float = 0.01, **options: Any):
+                 damp: float = 0.01, factor: tuple | None = None, **options: Any):
     """Rounds a relaxed kernel: ``gptq(W*, H)``, ``rtn(W*)`` or ``none`` (W* as float).
 
     Args:
@@ -176,6 +159,7 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
       spec: :class:`epmq_jax.quant.QuantSpec` (unused for ``none``).
       rounding: ``gptq``, ``rtn`` or ``none``.
       damp: GPTQ damping δ.
+      factor: for ``gptq``, ``quant.damped_factor(h, damp)`` if the caller has it (the solve's).
       **options: keyword options of :func:`epmq_jax.quant.gptq` (``block_size``, ``act_order``,
         ``static_groups``).
 
@@ -187,22 +171,18 @@ def round_weight(w_star: jax.Array, h: jax.Array, spec, rounding: Rounding = "gp
       ValueError: ``rounding="awq"`` (block-level: :func:`epmq_jax.calib.awq.calibrate_block`)
         or an unknown rounding.
     """
-    from epmq_jax import quant
-
     _check_layer_rounding(rounding)
     if rounding == "none":
         return w_star, {}
     check_spec(spec, rounding)
     if rounding == "rtn":
-        return quant.rtn(w_star, spec), {}
-    q, info = quant.gptq(w_star, h, spec, damp=damp, return_info=True, **options)
+        return rtn(w_star, spec), {}
+    q, info = gptq(w_star, h, spec, damp=damp, return_info=True, factor=factor, **options)
     return q, {"gptq_damp": info.damp_used, "gptq_ok": info.cholesky_ok}
 
 
 def check_spec(spec, rounding: str) -> None:
     """Raises ValueError unless ``spec`` is a QuantSpec (any value will do for ``none``)."""
-    from epmq_jax.quant import QuantSpec
-
     if rounding != "none" and not isinstance(spec, QuantSpec):
         raise ValueError(f"spec: rounding={rounding!r} needs an epmq_jax.quant.QuantSpec, got "
                          f"{type(spec).__name__}")
@@ -222,28 +202,31 @@ def _in_dtype(q, dtype):
 
 @functools.partial(jax.jit, static_argnames=("objective", "damp_center", "columns"))
 def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center: str, columns):
-    """System and solve: ``(W*, H, H for the rounder, HW* − B or None, L(W_m), L(W*), info)``.
+    """System and solve: ``(W*, H, H for the rounder, HW* − B or None, L(W_m), L(W*), factor,
+    info)``.
 
-    The rounder's H has the dead inputs fixed as in the solve, so a dead row is W_m's, rounded.
+    The rounder's H has the dead inputs fixed as in the solve, so a dead row is W_m's, rounded;
+    ``factor`` is the solve's ``quant.damped_factor`` of it (None for ``gptq``: no solve).
     """
     w_m = w_merged.astype(jnp.float32)
     if objective.kind == "gptq":   # B = H W_m: W* = W_m, L(W_m) = L(W*) = 0, no solve
         zero = jnp.zeros((), jnp.float32)
         info = {"damp": jnp.float32(jnp.nan), "cond": jnp.float32(jnp.nan), "ok": jnp.array(True),
                 "n_dead": jnp.sum(jnp.diag(m.h) == 0).astype(jnp.int32)}
-        return w_m, m.h, m.h, None, zero, zero, info
+        return w_m, m.h, m.h, None, zero, zero, None, info
     total = fixed_total(columns)
     system, hwm = system_and_merged(objective, m, w_m, lam, total=total)
-    w_star, hw_star, h_round, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
+    w_star, hw_star, h_round, factor, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
     return (w_star, system.h, h_round, hw_star - system.b,
             value_from_product(system, w_m, hwm, total=total),
-            value_from_product(system, w_star, hw_star, total=total), info)
+            value_from_product(system, w_star, hw_star, total=total), factor, info)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rounding", "options", "dtype"))
-def _round(w_star, h_round, damp, *, spec, rounding: str, options: tuple, dtype: str):
-    """The rounder, compiled once per (shape, spec, rounder) whatever the objective."""
-    q, info = round_weight(w_star, h_round, spec, rounding, damp=damp, **dict(options))
+def _round(w_star, h_round, damp, factor=None, *, spec, rounding: str, options: tuple, dtype: str):
+    """The rounder, compiled once per (shape, spec, rounder) whatever the objective (and once
+    more for GPTQ given the solve's factor)."""
+    q, info = round_weight(w_star, h_round, spec, rounding, damp=damp, factor=factor, **dict(options))
     q = _in_dtype(q, dtype)
     return q, effective_kernel(q), info
 
@@ -271,15 +254,20 @@ def layer_step(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     Arguments as :func:`solve_layer`; ``columns`` = ``(mesh, axis)`` solves each device's output
     channels where it lies (``B`` and W_m split over ``axis``).
 
+    GPTQ rounding with the solve's δ (``gptq_damp`` None or equal, no ``act_order``) reuses the
+    solve's factorisation of H instead of factoring it again.
+
     Returns:
       ``(q, effective kernel in W_m's dtype, {name: device scalar})``: pass the (fetched)
       statistics to :func:`finish_stats`.
     """
-    w_star, h, h_round, resid, obj_merged, obj_relaxed, info = _relax(
+    w_star, h, h_round, resid, obj_merged, obj_relaxed, factor, info = _relax(
         jnp.float32(objective.lam), m, w_merged, jnp.float32(damp),
         objective=dataclasses.replace(objective, lam=0.0), damp_center=damp_center, columns=columns)
+    shared = (rounding == "gptq" and not options.get("act_order", False)
+              and (gptq_damp is None or gptq_damp == damp))
     q, eff, rinfo = _round(w_star, h_round, jnp.float32(damp if gptq_damp is None else gptq_damp),
-                           spec=spec, rounding=rounding,
+                           factor if shared else None, spec=spec, rounding=rounding,
                            options=tuple(sorted(options.items())), dtype=np.dtype(w_merged.dtype).name)
     stats = {**_report(h, w_merged, w_star, eff, resid, obj_relaxed, columns=columns),
              "obj_merged": obj_merged,

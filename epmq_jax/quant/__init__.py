@@ -17,7 +17,7 @@ from epmq_jax.quant._awq import (
     sample_stride,
     scaled_fake_quant,
 )
-from epmq_jax.quant._gptq import GPTQInfo, gptq
+from epmq_jax.quant._gptq import GPTQInfo, damped_factor, gptq
 from epmq_jax.quant._grid import QuantSpec, fit_scale_zero, group_params, quantize_codes
 from epmq_jax.quant._packing import QuantizedWeight, is_quantized, pack_codes, unpack_codes
 from epmq_jax.quant._rtn import rtn
@@ -31,6 +31,7 @@ __all__ = [
     "awq_scales",
     "clip_kernel",
     "clip_search",
+    "damped_factor",
     "fit_scale_zero",
     "gptq",
     "group_grams",

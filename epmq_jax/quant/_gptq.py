@@ -97,26 +97,21 @@ class GPTQInfo(NamedTuple):
 
 
 def _reversed_cholesky(h: jax.Array, shift: jax.Array) -> jax.Array:
-    """Upper-triangular ``R`` with ``R Rᵀ = h + shift·I`` (NaN if not positive definite).
+    """Upper-triangular ``R`` with ``R Rᵀ = h + diag(shift)`` (NaN if not positive definite).
 
-    With ``J`` the reversal permutation and ``J h J = M Mᵀ`` (lower Cholesky), ``R = J M J``.
-    Reads the lower triangle of ``h`` only.
+    ``shift``: a scalar (``h + shift·I``) or one value per row. With ``J`` the reversal
+    permutation and ``J h J = M Mᵀ`` (lower Cholesky), ``R = J M J``. Reads the lower triangle
+    of ``h`` only.
     """
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    m = lax.linalg.cholesky((h + shift * eye)[::-1, ::-1].T, symmetrize_input=False)
+    idx = jnp.arange(h.shape[0])
+    m = lax.linalg.cholesky(h.at[idx, idx].add(shift)[::-1, ::-1].T, symmetrize_input=False)
     return m[::-1, ::-1]
 
 
-def _upper_cholesky_of_inverse(h: jax.Array, shift: jax.Array) -> jax.Array:
-    """Upper-triangular ``U`` with ``UᵀU = (h + shift·I)^-1`` (NaN if not positive definite)."""
-    r = _reversed_cholesky(h, shift)
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    return jax.scipy.linalg.solve_triangular(r, eye, lower=False)
-
-
 def _damped(factor: Callable[[jax.Array, jax.Array], jax.Array], h: jax.Array,
-            damp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``factor(h, δ·mean(diag h))`` for ``δ = damp``, raising δ while the factor is not finite.
+            damp: jax.Array, ridge: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``factor(h, δ·ridge)`` for ``δ = damp``, raising δ while the factor is not finite
+    (``ridge``: per row, or None for ``mean(diag h)`` on every row).
 
     The first try runs outside any loop (a loop would copy the ``(n, n)`` factor); only if it
     fails is δ multiplied by 10 (at least 0.001), up to ``_MAX_DAMP_RETRIES`` times.
@@ -124,10 +119,10 @@ def _damped(factor: Callable[[jax.Array, jax.Array], jax.Array], h: jax.Array,
     Returns:
       ``(factor, δ used, ok)``.
     """
-    mean_diag = jnp.mean(jnp.diag(h))
+    ridge = jnp.mean(jnp.diag(h)) if ridge is None else ridge
 
     def attempt(d):
-        f = factor(h, d * mean_diag)
+        f = factor(h, d * ridge)
         return f, jnp.all(jnp.isfinite(jnp.diagonal(f)))   # a failed Cholesky is NaN throughout
 
     def retry(state):
@@ -144,17 +139,25 @@ def _damped(factor: Callable[[jax.Array, jax.Array], jax.Array], h: jax.Array,
     return lax.cond(ok, lambda: (f, damp, ok), retry_loop)
 
 
-def damped_inverse_factor(h: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Upper ``U`` with ``UᵀU = (h + δ·mean(diag h)·I)^-1``, raising δ until it factors.
+def damped_factor(h: jax.Array, damp: jax.Array, ridge: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Upper ``R`` with ``R Rᵀ = h + δ·diag(ridge)``, raising δ until it factors.
+
+    The factor GPTQ works with (``ridge`` None: ``mean(diag h)`` on every row). A caller that
+    also solves with ``h`` (E-PMQ's anchored solve, :mod:`epmq_jax.calib.solve`) factors once
+    and passes the result to :func:`gptq` as ``factor``. A ``ridge`` that differs from GPTQ's
+    only on rows decoupled from all others (zero off-diagonal, e.g. dead inputs given a
+    diagonal of their own) rounds as GPTQ's would: such a row is rounded on its own either way.
 
     Args:
-      h: ``(n, n)`` symmetric (only the lower triangle is read).
+      h: ``(n, n)`` symmetric (only the lower triangle is read), no zero diagonal entry.
       damp: the relative damping δ to try first.
+      ridge: ``(n,)`` per-row scale of the damping, or None.
 
     Returns:
-      ``(U, δ used, ok)``.
+      ``(R, δ used, ok)``.
     """
-    return _damped(_upper_cholesky_of_inverse, h, damp)
+    return _damped(_reversed_cholesky, h, damp, ridge)
 
 
 def _group_starts(n: int, bs: int, g: int) -> list[list[int]]:
@@ -219,7 +222,7 @@ def _round_block(xb, wb, sb, zb, stb, maxq):
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups",
                                              "with_objective"))
-def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool,
+def _gptq(w, hessian, damp, factor=None, *, spec: QuantSpec, block_size: int, act_order: bool,
           static_groups: bool, with_objective: bool):
     n, m = w.shape
     ct = jnp.promote_types(w.dtype, jnp.float32)
@@ -252,7 +255,11 @@ def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool
     h = h + jnp.diag(dead.astype(ct))                # dead inputs: H_ii := 1
     g_idx = (jnp.argsort(perm) // g if dynamic else rows // g).astype(jnp.int32)
 
-    r, damp_used, chol_ok = _damped(_reversed_cholesky, h, damp.astype(ct))
+    if factor is None:
+        r, damp_used, chol_ok = damped_factor(h, damp.astype(ct))
+    else:             # the caller's damped_factor(hessian, damp): same H (no dead input), no permutation
+        r, damp_used, chol_ok = factor
+        r = r.astype(ct)
 
     # Blocks of bs rows; with dynamic groups each block sees a window of win >= bs rows (every
     # group starting in the block). Rows past n are padding, decoupled from the rest.
@@ -321,7 +328,8 @@ def _gptq(w, hessian, damp, *, spec: QuantSpec, block_size: int, act_order: bool
 
 def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.01,
          block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-         return_info: bool = False) -> QuantizedWeight | tuple[QuantizedWeight, GPTQInfo]:
+         return_info: bool = False, factor: tuple[jax.Array, jax.Array, jax.Array] | None = None
+         ) -> QuantizedWeight | tuple[QuantizedWeight, GPTQInfo]:
     """GPTQ-rounds a kernel to the grid of ``spec`` minimising ``tr((Q-W)ᵀ H (Q-W))``.
 
     Args:
@@ -337,6 +345,10 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.0
       act_order: process inputs by descending ``diag(H)``.
       static_groups: fit every group's scale/zero up front instead of when the group starts.
       return_info: also return a :class:`GPTQInfo`.
+      factor: ``damped_factor(hessian, damp)`` when the caller has it already (it factored
+        ``hessian`` for a solve of its own): GPTQ then does no factorisation, and reports that
+        factor's damping and success. ``hessian`` must have no zero diagonal entry; not with
+        ``act_order`` (which factors the permuted ``H``).
 
     Returns:
       The :class:`QuantizedWeight` (dequantizing to ``w.dtype``), or
@@ -366,7 +378,14 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.0
         raise ValueError(f"block_size must be positive, got {block_size}")
     if is_concrete(damp) and float(damp) < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    qw, info = _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32),
+    if factor is not None:
+        if act_order:
+            raise ValueError("factor: act_order=True factors the permuted hessian; pass factor=None")
+        r_shape = getattr(factor[0], "shape", None) if len(factor) == 3 else None
+        if r_shape != (d_in, d_in):
+            raise ValueError(f"factor: expected damped_factor(hessian, damp) = (R of shape ({d_in}, "
+                             f"{d_in}), damp used, ok), got {len(factor)} items, R of shape {r_shape}")
+    qw, info = _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32), factor,
                      spec=spec, block_size=block_size, act_order=act_order,
                      static_groups=static_groups, with_objective=return_info)
     if is_concrete(info.cholesky_ok):
