@@ -25,6 +25,7 @@ def _cfg(cache, **overrides):
         cfg.calib.lam_sweep = ()
         cfg.calib.ablations = ()
         cfg.calib.full = None      # E-PMQ-full's rows: tests/test_pipeline_e2e.py
+        cfg.run.companions = ()    # the broad companion: tests/test_pipeline_e2e.py
     return cfg
 
 

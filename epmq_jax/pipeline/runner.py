@@ -208,11 +208,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
             companion.run.cache_dir = str(started[0].cache_dir.resolve())
         started_companions.append(start(companion, workdir / companion.name, log=log))
     doc = _run_config(*started, log=log, since=(t_start, cpu_start))
+    del started   # its pools (models, data) are not needed by the companions
     write_report(doc, workdir, plots=plots, log=log, show=not companions)
     if not companions:
         return doc
     entries = {}
-    for companion, (ctx, model_pool, task_pool) in zip(companions, started_companions):
+    for i, companion in enumerate(companions):
+        (ctx, model_pool, task_pool), started_companions[i] = started_companions[i], None
         log(f"[epmq] companion config {companion.name} ({companion.run.source}) into {ctx.workdir}")
         cdoc = _run_config(ctx, model_pool, task_pool, log=log)
         write_report(cdoc, ctx.workdir, plots=plots, log=log, show=False)
