@@ -156,11 +156,16 @@ class Runner:
                                default=v.default, merge_scaling=scaling, settings=settings, **v.sw)
 
 
+#: ``run`` keys no row depends on: left out of the config's fingerprint.
+_NOT_FINGERPRINTED = (*COMPANION_OWN_RUN_KEYS, "resume")
+
+
 def _fingerprint(cfg: ml_collections.ConfigDict) -> str:
-    """A hash of what the config's rows depend on: the whole config but where it was loaded from
-    and which companions run after it."""
+    """A hash of what the config's rows depend on: the whole config but whether it resumes, where
+    it was loaded from and which companions run after it (so a run that stopped, in a companion
+    say, resumes when rerun with ``run.resume``)."""
     cd = config_dict(cfg)
-    cd["run"] = {k: v for k, v in cd.get("run", {}).items() if k not in COMPANION_OWN_RUN_KEYS}
+    cd["run"] = {k: v for k, v in cd.get("run", {}).items() if k not in _NOT_FINGERPRINTED}
     blob = json.dumps(cd, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
