@@ -234,6 +234,38 @@ def test_reported_epmq_objective_matches_a_float64_recomputation(tiny_run):
         assert stats[path]["obj_rounded"] == pytest.approx(value, rel=2e-3), name
 
 
+def test_default_full_row_reuses_only_the_selections_identical_calibration(tiny_run):
+    """E-PMQ-full's selection calibrates the chosen setting at select_bits; the default row at those
+    bits takes that calibration (the same driver config) and no other row does. Calibrated again
+    from scratch, the row's model has the same kernels and scores the recorded row."""
+    from epmq_jax.pipeline import stages
+    from epmq_jax.pipeline.runner import Runner
+
+    workdir, doc = tiny_run
+    cfg = tiny_cfg()
+    with cfg.unlocked():
+        cfg.run.companions = ()
+    ctx, mp, tp = pipeline.start(cfg, workdir)          # the trained models come from the cache
+    runner = Runner(ctx, mp, tp)
+    choice = runner.full_choice("ta")
+    assert choice.settings() == doc["full_selection"]["ta"]["chosen"]
+    full = {v.name: runner.resolve(v) for v in pipeline.plan(cfg) if v.method.startswith("epmq_full")}
+    reusable = {n for n, v in full.items() if choice.reusable(stages.calib_config(cfg, v, choice)[0]) is not None}
+    assert reusable == {f"ta_epmq_full_w{cfg.calib.full.select_bits}"}
+    v = full["ta_epmq_full_w4"]
+    merged = runner.merged("ta").params
+    fresh, _, _ = stages.calibrate_variant(ctx, mp, v, merged, runner.calib_inputs(), full=choice)
+    reused = choice.calibrated.params
+    a, b = pipeline.dequantize_tree(fresh), pipeline.dequantize_tree(reused)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    row = next(r for r in doc["rows"] if r["method"] == "epmq_full" and r["bits"] == 4 and r["merge"] == "ta"
+               and r["default"])
+    got = {t: s["score"] for t, s in tp.evaluate(a, "test").items()}
+    for t, acc in row["per_task"].items():      # the same model: at most one tie flips
+        assert abs(got[t] - acc) <= 100.0 / cfg.suite.n_test + 1e-9, t
+
+
 def test_merge_and_quantize_subcommands(tiny_run, tmp_path, capsys):
     """`epmq merge` / `epmq quantize` reuse the run's training cache and write checkpoints `epmq eval` reloads."""
     workdir, doc = tiny_run

@@ -377,7 +377,7 @@ def select_full(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, merge:
                          f"'{task_pool.kind}' has no split to choose them on; give one value per key")
     bits = int(fcfg.select_bits)
     results: dict[str, float] = {}
-    best: tuple[float, Calibrated] | None = None   # the best so far (ties: the earlier candidate)
+    best: tuple[float, dict[str, Any], Calibrated] | None = None   # the best so far (ties: the earlier)
     for setting in candidates:
         choice = _full_choice(setting, {})
         v = with_full_choice(cfg, Variant(merge, "epmq_full", bits), choice)
@@ -386,11 +386,11 @@ def select_full(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, merge:
         value = float(np.mean(list(scores(score(task_pool, ctx, params, task_pool.select_split)).values())))
         results[_label(setting, keys)] = value
         if best is None or value > best[0]:
-            best = (value, Calibrated(calib_config(cfg, v, choice)[0], params, stats, settings))
-    chosen = next(c for c in candidates if results[_label(c, keys)] == best[0])
+            best = (value, setting, Calibrated(calib_config(cfg, v, choice)[0], params, stats, settings))
+    _, chosen, calibrated = best
     ctx.log(f"[epmq] {merge}: E-PMQ-full settings {_label(chosen, keys)} chosen on validation at "
             f"{bits} bits ({', '.join(f'{k}: {v:.1f}' for k, v in results.items())})")
-    return dataclasses.replace(_full_choice(chosen, results), calibrated=best[1])
+    return dataclasses.replace(_full_choice(chosen, results), calibrated=calibrated)
 
 
 def with_full_choice(cfg: ml_collections.ConfigDict, v: Variant, choice: FullChoice) -> Variant:
