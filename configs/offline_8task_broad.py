@@ -2,6 +2,11 @@
 
 Run:  epmq run --config configs/offline_8task_broad.py      (table in runs/offline_8task_broad/)
 
+The main job (``epmq run --config configs/offline_8task.py``, ``make run``) runs this config too,
+as its companion (``run.companions``), into runs/offline_8task/offline_8task_broad/; run it on
+its own only to get this regime alone. It clears the narrow config's ``run.companions`` (a
+companion has none of its own, and run alone it does not run the narrow regime).
+
 Everything is configs/offline_8task.py (the "narrow" regime: the encoder pretrained on plain
 MNIST with digit labels, experts fine-tuned long at lr 2e-3) except how the encoder is
 pretrained and how gently the experts are fine-tuned, the two things issue 13 names as unlike
@@ -86,6 +91,8 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     """configs/offline_8task.py at ``size`` ("full", "small", "tiny") in the broad regime."""
     c = load_config(f"{Path(__file__).with_name('offline_8task.py')}:{size}")
     c.name = "offline_8task_broad"
+    c.description = "broad, CLIP-like regime (encoder pretrained on every task domain, gentle fine-tuning)"
+    c.run.companions = ()  # the narrow config lists this one: no companions here, nothing recurses
     c.suite.update(dict(
         regime="broad",
         # images per task domain: pretrain_n / 8; the pool is the ~34.7k MNIST training images

@@ -26,6 +26,7 @@ EXAMPLES = {
   epmq run --config configs/offline_8task.py
   epmq run --config configs/offline_8task.py --workdir /tmp/epmq --config.quant.bits=4,3,2
   epmq run --config configs/offline_8task.py:tiny            # the tiny CI size
+  epmq run --config configs/offline_8task.py --config.run.companions=    # narrow regime only
 """,
     "merge": """examples:
   epmq merge --config configs/offline_8task.py --method ta
@@ -83,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trains (or loads from the cache) the experts, merges them, quantizes every "
                        "merge with RTN, GPTQ, AWQ and E-PMQ, evaluates every variant on every task's test split "
                        "(choices made on validation) and writes results.json/.md/.csv, plots, solver stats and "
-                       "the packed 4-bit E-PMQ checkpoint. " + OVERRIDES_HELP,
+                       "the packed 4-bit E-PMQ checkpoint; then the same for each companion config "
+                       "(run.companions) into WORKDIR/<its name>/, whose tables the report and printout "
+                       "gain. " + OVERRIDES_HELP + " --config.run.* overrides reach the companions too; "
+                       "--config.run.companions= (empty) runs the config alone.",
                        epilog=EXAMPLES["run"], formatter_class=fmt)
     _add_config_args(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="print the table of a finished run and rewrite its report files",
                        description="Prints the table from results.json and rewrites results.md, results.csv "
-                       "(and, with --plots, the PNG plots) next to it.",
+                       "(and, with --plots, the PNG plots) next to it; a run with companion configs prints "
+                       "and writes their tables too (from its results.json; plots and CSV: its own rows).",
                        epilog=EXAMPLES["report"], formatter_class=fmt)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--workdir", metavar="DIR", help="run directory holding results.json")
@@ -198,9 +203,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     else:
         cfg = load_with_overrides(args.config, overrides)
         workdir = _workdir(args)
-        from epmq_jax.pipeline.validate import check_config
+        from epmq_jax.pipeline.validate import check_companions, check_config
 
         check_config(cfg)   # the whole config, before jax starts or anything is built
+        if args.command == "run":
+            check_companions(cfg)   # and every companion config `run` runs after it
 
     from epmq_jax import pipeline, report
 

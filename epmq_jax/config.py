@@ -20,6 +20,11 @@ message (naming close matches for an unknown key).
 Every loaded config gets the run-wide keys every pipeline understands (:func:`add_defaults`), so
 ``--config.eval.limit=N``, ``--config.calib.n_per_task=N``, ``--config.run.mesh=auto`` and
 ``--config.run.resume=true`` work for every config file without each one spelling them out.
+
+Companion configs (``run.companions``): ``epmq run`` runs each after the config itself, in the
+same process, into ``WORKDIR/<companion name>/``. :func:`companion_specs` resolves the entries
+against the file the config was loaded from (``run.source``, set by :func:`load_config`) and
+:func:`load_companion` loads one with the loading config's ``run`` section.
 """
 
 from __future__ import annotations
@@ -76,7 +81,10 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
             f"get_config() in {path_s} returned {type(cfg).__name__}, expected ml_collections.ConfigDict")
     if "name" not in cfg:
         cfg.name = path.stem
-    return add_defaults(cfg)
+    cfg = add_defaults(cfg)
+    with cfg.run.unlocked():   # where this config came from: run.companions are resolved against it
+        cfg.run.source = f"{path.resolve()}:{arg}" if arg else str(path.resolve())
+    return cfg
 
 
 def _defaults() -> dict[str, dict[str, Any]]:
@@ -92,6 +100,11 @@ def _defaults() -> dict[str, dict[str, Any]]:
             "resume": False,
             # trained models, prepared data and XLA compilations ("" = WORKDIR/cache)
             "cache_dir": "",
+            # companion configs "PATH[:ARG]" that `epmq run` runs after this one, in the same
+            # process, each into WORKDIR/<its name>/ (companion_specs; a companion has none)
+            "companions": (),
+            # the "PATH[:ARG]" this config was loaded from (load_config sets it; "" if built in code)
+            "source": "",
         },
         "eval": {"batch_size": 256, "progress": True, "limit": placeholder(int)},
         # damp_center: what the solve's damping (size quant.damp) pulls toward: "merged" or "zero"
@@ -100,7 +113,8 @@ def _defaults() -> dict[str, dict[str, Any]]:
 
 
 def add_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds the run-wide keys (``run.mesh``, ``run.resume``, ``run.cache_dir``, ``eval.limit``,
+    """Adds the run-wide keys (``run.mesh``, ``run.resume``, ``run.cache_dir``,
+    ``run.companions``, ``run.source``, ``eval.limit``,
     ``eval.batch_size``, ``eval.progress``, ``calib.n_per_task``, ``calib.seed``,
     ``calib.batch_size``, ``calib.damp_center``) where the config does not set them; returns
     ``cfg`` (changed in place)."""
@@ -117,6 +131,61 @@ def add_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     if key not in node:
                         node[key] = value
     return cfg
+
+
+#: ``run`` keys a companion does not take from the config that runs it (its own are kept).
+COMPANION_OWN_RUN_KEYS = ("companions", "source")
+
+
+def companion_specs(cfg: ml_collections.ConfigDict) -> list[str]:
+    """``run.companions`` as ``"ABSOLUTE_PATH[:ARG]"`` specs, in order.
+
+    A relative path is looked up first in the directory of the file ``cfg`` was loaded from
+    (``run.source``), then in the working directory. An entry without ``:ARG`` gets the argument
+    ``cfg`` was loaded with (``offline_8task.py:tiny`` lists ``offline_8task_broad.py``, which is
+    loaded as ``offline_8task_broad.py:tiny``); ``PATH:`` (an empty argument) calls
+    ``get_config()`` without one. Nothing is loaded here.
+    """
+    source = cfg.run.get("source") or ""
+    source_path, _, source_arg = source.partition(":")
+    here = [Path(source_path).parent] if source_path else []
+    out = []
+    for entry in cfg.run.get("companions") or ():
+        path_s, sep, arg = str(entry).partition(":")
+        path = Path(path_s)
+        if not path.is_absolute():
+            candidates = [d / path for d in here] + [Path.cwd() / path]
+            path = next((p for p in candidates if p.is_file()), candidates[0])
+        arg = arg if sep else source_arg
+        out.append(f"{path}:{arg}" if arg else str(path))
+    return out
+
+
+def load_companion(cfg: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
+    """Loads the companion ``spec`` (from :func:`companion_specs`) of ``cfg``.
+
+    The companion keeps its own ``run.companions`` and ``run.source`` and takes every other
+    ``run`` key from ``cfg`` (``run.mesh``, ``run.resume``, ``run.cache_dir``, ...): the command
+    line's ``--config.run.*`` overrides reach the whole job. Its other sections are its file's.
+
+    Raises:
+      ConfigError: the file is missing or not a config, or its ``get_config`` rejects the
+        argument (one line naming ``run.companions``).
+    """
+    try:
+        companion = load_config(spec)
+    except ConfigError as e:
+        hint = (" (a relative path is looked up next to the config file that lists it, then in the working "
+                "directory)" if str(e).startswith("config file not found") else "")
+        raise ConfigError(f"--config.run.companions: {e}{hint}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--config.run.companions: get_config() of {spec} failed: "
+                          f"{type(e).__name__}: {e}") from None
+    with companion.run.unlocked():
+        for key, value in cfg.run.items():
+            if key not in COMPANION_OWN_RUN_KEYS:
+                companion.run[key] = value
+    return companion
 
 
 def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

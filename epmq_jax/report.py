@@ -26,8 +26,8 @@ A row is a plain dict (JSON-ready) with these keys (:data:`ROW_KEYS`):
 - ``settings``: a JSON object of everything else that defines the row (RegMean's Gram source and
   α, the damping's size and centre, ...); ``{}`` when there is nothing to add.
 
-:func:`make_row` builds a row and checks it. Writers: :func:`write_json`, :func:`write_csv`,
-:func:`write_markdown`; readers :func:`read_json`, :func:`read_csv`; :func:`format_table` renders
+:func:`make_row` builds a row and checks it. Writers: :func:`write_json` (:func:`write_doc`),
+:func:`write_csv`, :func:`write_markdown`; readers :func:`read_json`, :func:`read_csv`; :func:`format_table` renders
 the same blocks for the terminal.
 """
 
@@ -339,6 +339,12 @@ def write_json(path: str | Path, rows: Sequence[Mapping[str, Any]], *, config: M
         "command": " ".join(sys.argv),
     }
     doc.update(extra or {})
+    return write_doc(path, doc)
+
+
+def write_doc(path: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Writes a results document as it is (e.g. one :func:`read_json` read and a caller extended)
+    to a temporary name and renames it, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
@@ -400,18 +406,37 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_markdown(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "Results",
-                   notes: Iterable[str] = (), timings: Mapping[str, float] | None = None) -> Path:
-    """Writes results.md: a title, notes (e.g. the split used), the table blocks, and the timings."""
-    env = environment_info()
-    parts = [f"# {title}\n"]
-    parts += [f"{n}\n" for n in notes]
+def _markdown_section(rows: Sequence[Mapping[str, Any]], notes: Iterable[str],
+                      timings: Mapping[str, float] | None) -> list[str]:
+    parts = [f"{n}\n" for n in notes]
     parts.append(format_markdown(rows))
     if timings:
         parts.append("### Timings (s)\n")
         parts.append("| step | seconds |\n|---|---:|")
         parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
         parts.append("")
+    return parts
+
+
+def write_markdown(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "Results",
+                   notes: Iterable[str] = (), timings: Mapping[str, float] | None = None,
+                   heading: str | None = None, companions: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """Writes results.md: a title, notes (e.g. the split used), the table blocks, and the timings.
+
+    Args:
+      companions: the companion configs run with this one (``run.companions``), each a mapping
+        with ``heading``, ``rows`` and optionally ``notes`` and ``timings``: each gets a section
+        ``## <heading>`` after this run's, which is then headed ``## <heading>`` too (``heading``,
+        default ``title``).
+    """
+    env = environment_info()
+    parts = [f"# {title}\n"]
+    if companions:
+        parts.append(f"## {heading or title}\n")
+    parts += _markdown_section(rows, notes, timings)
+    for c in companions:
+        parts.append(f"## {c['heading']}\n")
+        parts += _markdown_section(c["rows"], c.get("notes", ()), c.get("timings"))
     m = env["machine"]
     parts.append(f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device_kind']}).  ")
     parts.append("Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + "\n")

@@ -222,3 +222,70 @@ def test_paper_config_without_its_checkpoints_fails_in_one_line(capsys, tmp_path
                             f"--config.model_pool.base={tmp_path / 'missing'}")
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "missing" in err
+
+
+# --------------------------------------------------------------------------- companion configs
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+COMPANION = textwrap.dedent('''
+    from epmq_jax.config import load_config
+
+    def get_config(arg="tiny"):
+        c = load_config("{broad}:" + arg)
+        c.name = "{name}"
+        {extra}
+        return c
+''')
+
+
+def _companion_file(tmp_path, stem, name, extra="pass"):
+    path = tmp_path / f"{stem}.py"
+    path.write_text(COMPANION.format(broad=CONFIGS / "offline_8task_broad.py", name=name, extra=extra))
+    return str(path)
+
+
+@pytest.mark.parametrize("companions, needle", [
+    ("nothere.py", "config file not found: "),
+    ("offline_8task.py", "has companions of its own"),                      # nothing nests
+    ("offline_8task_broad.py:huge", "size must be 'full', 'small' or 'tiny', got 'huge'"),
+    ("offline_8task_broad.py,offline_8task_broad.py:small", "is taken by the companion"),
+    ("offline_8task_broad.py,offline_8task_broad.py", "no repeated configs"),
+    ("{tmp}/cache.py", "is a folder of the run directory"),
+    ("{tmp}/bad_bits.py", "offline_8task_broad_bad ({tmp}/bad_bits.py:tiny): --config.quant.bits=(9,)"),
+])
+def test_bad_companions_fail_in_one_line_before_any_work(capsys, tmp_path, companions, needle):
+    _companion_file(tmp_path, "cache", "cache")
+    _companion_file(tmp_path, "bad_bits", "offline_8task_broad_bad", extra="c.quant.bits = (9,)")
+    companions, needle = companions.format(tmp=tmp_path), needle.format(tmp=tmp_path)
+    rc, out, err = run_main(capsys, "run", "--config", f"{CONFIGS / 'offline_8task.py'}:tiny",
+                            "--workdir", str(tmp_path / "w"), f"--config.run.companions={companions}")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("epmq run: error: --config.run.companions"), err
+    assert needle in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_companions_take_the_run_section_and_the_size(tmp_path, monkeypatch):
+    """The main job's companion is the broad regime at the main config's size, found next to the
+    config file whatever the working directory, with the command line's run.* settings."""
+    from epmq_jax.pipeline.validate import check_companions, check_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny", [
+        ("run.mesh", "data:4"), ("run.resume", "true"), ("run.cache_dir", str(tmp_path / "c"))])
+    [broad] = check_companions(cfg)
+    alone = load_config(f"{CONFIGS / 'offline_8task_broad.py'}:tiny")
+    assert broad.name == "offline_8task_broad" and broad.suite.regime == "broad"
+    assert broad.suite.to_dict() == alone.suite.to_dict() and broad.model.to_dict() == alone.model.to_dict()
+    assert (broad.run.mesh, broad.run.resume, broad.run.cache_dir) == ("data:4", True, str(tmp_path / "c"))
+    assert broad.run.companions == () and broad.run.source == f"{CONFIGS / 'offline_8task_broad.py'}:tiny"
+    assert check_companions(alone) == []       # run alone, the broad regime runs nothing after it
+    cfg = load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny",
+                              [("run.companions", "offline_8task_broad.py:small")])
+    assert check_companions(cfg)[0].suite.pretrain_n == load_config(
+        f"{CONFIGS / 'offline_8task_broad.py'}:small").suite.pretrain_n != alone.suite.pretrain_n
+    assert check_companions(load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny",
+                                                [("run.companions", "")])) == []
+    # merge / quantize do not run companions: the config's own check does not load them
+    check_config(load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny", [("run.companions", "nothere.py")]))

@@ -324,8 +324,13 @@ def test_broad_config_changes_only_pretraining_and_finetuning():
         broad = load_config(f"{configs / 'offline_8task_broad.py'}:{size}").to_dict()
         assert narrow["suite"]["regime"] == "narrow" and broad["suite"]["regime"] == "broad"
         osuite.pretrain_spec(ml_collections.ConfigDict(broad["suite"]))  # valid broad keys
+        assert narrow["run"]["companions"] == ("offline_8task_broad.py",)  # the main job runs both
+        assert broad["run"]["companions"] == ()                          # and nothing recurses
         for c in (narrow, broad):
-            c.pop("name")
+            for key in ("name", "description"):
+                c.pop(key)
+            for key in ("companions", "source"):
+                c["run"].pop(key)
             for key in ("regime", "pretrain_n", "pretrain_clusters", "pretrain_labels"):
                 c["suite"].pop(key, None)
             for key in ("pretrain", "finetune", "multitask"):

@@ -70,10 +70,33 @@ def test_bad_ablation_is_rejected(text):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny `epmq run` (through the CLI entry point), shared by the checks below."""
+    """One tiny `epmq run` (through the CLI entry point), shared by the checks below: the narrow
+    regime, then its companion config, the broad regime. ``COMPILES`` gets each config's number
+    of XLA compilations."""
+    from jax import monitoring
+
+    from epmq_jax.pipeline import runner
+
     workdir = tmp_path_factory.getbasetemp() / "epmq_tiny_run"
-    assert cli.main(["run", "--config", CONFIG, "--workdir", str(workdir)]) == 0
+    events = []
+    monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_: events.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    real = runner._run_config
+
+    def counted(ctx, *args, **kwargs):
+        before = len(events)
+        doc = real(ctx, *args, **kwargs)
+        COMPILES[ctx.cfg.name] = len(events) - before
+        return doc
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "_run_config", counted)
+        assert cli.main(["run", "--config", CONFIG, "--workdir", str(workdir)]) == 0
     return workdir, report.read_json(workdir / "results.json")
+
+
+COMPILES: dict[str, int] = {}
 
 
 def test_results_shape(tiny_run):
@@ -102,6 +125,43 @@ def test_results_shape(tiny_run):
         assert (workdir / png).stat().st_size > 10_000
     stats = json.loads((workdir / "solver_stats" / "ta_epmq_w4.json").read_text())
     assert stats and {"path", "rel_dist", "damp", "obj_relaxed", "obj_rounded"} <= set(stats[0])
+
+
+def test_the_broad_regime_runs_as_the_main_jobs_companion(tiny_run):
+    """The main job's default config runs the broad regime after the narrow one (run.companions):
+    into WORKDIR/offline_8task_broad/ with every file a run of its own writes, every row of its
+    plan, and its rows in the main results.json / results.md; in the same process, so it
+    compiles almost nothing the narrow regime did not."""
+    workdir, doc = tiny_run
+    broad_cfg = load_with_overrides(str(ROOT / "configs" / "offline_8task_broad.py") + ":tiny")
+    sub = workdir / "offline_8task_broad"
+    broad = report.read_json(sub / "results.json")
+    assert doc["config"]["suite"]["regime"] == "narrow" and broad["config"]["suite"]["regime"] == "broad"
+    assert broad["config"]["suite"]["pretrain_n"] == broad_cfg.suite.pretrain_n   # the tiny size
+    assert [(r["merge"], r["method"], r["bits"], r["block"]) for r in broad["rows"]] == [
+        (v.merge, v.method, v.bits, v.block) for v in pipeline.plan(broad_cfg, has_multitask=True)]
+    for f in ("results.md", "results.csv", "metrics.json", "per_task.png", "solver_stats/ta_epmq_w4.json"):
+        assert (sub / f).is_file(), f
+    assert report.read_csv(sub / "results.csv") == broad["rows"]
+    assert Path(broad["checkpoints"]["ta_epmq_w4"]).parent == sub / "checkpoints"
+    # one training cache for the job: the broad models are cached beside the narrow ones
+    assert broad["config"]["run"]["cache_dir"] == str((workdir / "cache").resolve())
+    assert len(list((workdir / "cache").glob("pretrained-*"))) == 2
+    # the main results.json: its own rows as before, the companion's under its name
+    entry = doc["companions"]["offline_8task_broad"]
+    assert entry["rows"] == broad["rows"] and entry["timings"] == broad["timings"]
+    assert entry["config"].endswith("offline_8task_broad.py:tiny") and entry["results"] == str(
+        Path("offline_8task_broad") / "results.json")
+    assert doc["rows"] != broad["rows"] and doc["job_timings"]["total"] >= doc["timings"]["total"]
+    md = (workdir / "results.md").read_text()
+    assert md.index("## offline_8task: narrow") < md.index("## offline_8task_broad: broad")
+    variant_lines = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| variant", "| step"))
+                     and "|---" not in ln and not ln.startswith(tuple(f"| {k} |" for k in doc["timings"]))]
+    n_shown = sum(len(blk) for rows in (doc["rows"], broad["rows"]) for _, _, blk in report.table_blocks(rows))
+    assert len(variant_lines) == n_shown
+    # compiled functions reused: alone in a fresh process the tiny regime compiles ~360 programs;
+    # after the narrow regime the broad one compiles only what differs (its pretraining heads)
+    assert "offline_8task" in COMPILES and COMPILES["offline_8task_broad"] <= 30, COMPILES
 
 
 def test_reloaded_checkpoint_reproduces_its_row_exactly(tiny_run, capsys):
@@ -172,6 +232,38 @@ def test_reported_epmq_objective_matches_a_float64_recomputation(tiny_run):
         value = sum(o * (np.sum((xi @ q - c[path] @ kernel(e, path)) ** 2) + lam * np.sum((xi @ (q - w_m)) ** 2))
                     for o, xi, c, e in zip(omega, x, xts, mp.experts()))
         assert stats[path]["obj_rounded"] == pytest.approx(value, rel=2e-3), name
+
+
+def test_default_full_row_reuses_only_the_selections_identical_calibration(tiny_run):
+    """E-PMQ-full's selection calibrates the chosen setting at select_bits; the default row at those
+    bits takes that calibration (the same driver config) and no other row does. Calibrated again
+    from scratch, the row's model has the same kernels and scores the recorded row."""
+    from epmq_jax.pipeline import stages
+    from epmq_jax.pipeline.runner import Runner
+
+    workdir, doc = tiny_run
+    cfg = tiny_cfg()
+    with cfg.unlocked():
+        cfg.run.companions = ()
+    ctx, mp, tp = pipeline.start(cfg, workdir)          # the trained models come from the cache
+    runner = Runner(ctx, mp, tp)
+    choice = runner.full_choice("ta")
+    assert choice.settings() == doc["full_selection"]["ta"]["chosen"]
+    full = {v.name: runner.resolve(v) for v in pipeline.plan(cfg) if v.method.startswith("epmq_full")}
+    reusable = {n for n, v in full.items() if choice.reusable(stages.calib_config(cfg, v, choice)[0]) is not None}
+    assert reusable == {f"ta_epmq_full_w{cfg.calib.full.select_bits}"}
+    v = full["ta_epmq_full_w4"]
+    merged = runner.merged("ta").params
+    fresh, _, _ = stages.calibrate_variant(ctx, mp, v, merged, runner.calib_inputs(), full=choice)
+    reused = choice.calibrated.params
+    a, b = pipeline.dequantize_tree(fresh), pipeline.dequantize_tree(reused)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    row = next(r for r in doc["rows"] if r["method"] == "epmq_full" and r["bits"] == 4 and r["merge"] == "ta"
+               and r["default"])
+    got = {t: s["score"] for t, s in tp.evaluate(a, "test").items()}
+    for t, acc in row["per_task"].items():      # the same model: at most one tie flips
+        assert abs(got[t] - acc) <= 100.0 / cfg.suite.n_test + 1e-9, t
 
 
 def test_merge_and_quantize_subcommands(tiny_run, tmp_path, capsys):

@@ -131,6 +131,29 @@ def test_markdown_has_header_and_every_row(tmp_path):
     assert "| total | 3.0 |" in md and "Machine:" in md
 
 
+def test_markdown_sections_for_companion_configs(tmp_path):
+    """With companions, each config gets a section with its own notes, blocks and timings."""
+    rows, other = synthetic_rows(0), synthetic_rows(1)[:6]
+    report.write_markdown(tmp_path / "results.md", rows, title="Run", notes=["Main note."], timings={"total": 3.0},
+                          heading="main: narrow", companions=[
+                              {"heading": "other: broad", "rows": other, "notes": ["Other note."],
+                               "timings": {"total": 4.0}}])
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# Run\n\n## main: narrow\n")
+    main, rest = md.split("## other: broad\n")
+    assert "Main note." in main and "| total | 3.0 |" in main and "Other note." not in main
+    assert "Other note." in rest and "| total | 4.0 |" in rest and rest.count("Machine:") == 1
+
+    def n_rows(text):
+        return sum(1 for ln in text.splitlines() if ln.startswith("| ") and "|---" not in ln
+                   and not ln.startswith(("| variant", "| step", "| total")))
+
+    assert (n_rows(main), n_rows(rest)) == (22 + 5 + 3, 2 + 4)
+    assert f"| FP experts | {other[0]['per_task'][TASKS[0]]:.1f} |" in rest
+    report.write_markdown(tmp_path / "alone.md", rows, title="Run", heading="main: narrow")
+    assert "## main" not in (tmp_path / "alone.md").read_text()   # no companions: as before
+
+
 def _png_ok(path, min_bytes=15_000):
     data = path.read_bytes()
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > min_bytes

@@ -25,6 +25,7 @@ def _cfg(cache, **overrides):
         cfg.calib.lam_sweep = ()
         cfg.calib.ablations = ()
         cfg.calib.full = None      # E-PMQ-full's rows: tests/test_pipeline_e2e.py
+        cfg.run.companions = ()    # the broad companion: tests/test_pipeline_e2e.py
     return cfg
 
 
@@ -67,9 +68,9 @@ def test_mesh_reaches_calibration_and_evaluation(cache, plain, tmp_path, monkeyp
 
 
 def test_resume_reuses_finished_rows(cache, plain, tmp_path, monkeypatch):
-    """A run that dies after its third row, rerun with run.resume, computes only the rest and
-    ends with the uninterrupted run's table."""
-    cfg = _cfg(cache, **{"run.resume": "true"})
+    """A run that dies after its third row (started without run.resume), rerun with run.resume,
+    computes only the rest and ends with the uninterrupted run's table."""
+    cfg = _cfg(cache)
     computed = []
     real = runner_mod.Runner.compute
 
@@ -93,6 +94,18 @@ def test_resume_reuses_finished_rows(cache, plain, tmp_path, monkeypatch):
     computed.clear()
     pipeline.run(other, tmp_path, plots=False, log=lambda _: None)
     assert computed[0] == "expert_fp"
+
+
+def test_fingerprint_ignores_what_no_row_depends_on():
+    """Resuming, where the config was loaded from and its companions do not change a row."""
+    base = _cfg("/tmp/c")
+    other = _cfg("/tmp/c", **{"run.resume": "true"})
+    with other.unlocked():
+        other.run.companions = ("offline_8task_broad.py:small",)
+        other.run.source = "elsewhere.py:tiny"
+    assert runner_mod._fingerprint(base) == runner_mod._fingerprint(other)
+    for key, value in (("calib.lam", "0.5"), ("run.mesh", "data:2"), ("quant.group_size", "16")):
+        assert runner_mod._fingerprint(_cfg("/tmp/c", **{key: value})) != runner_mod._fingerprint(base), key
 
 
 def test_eval_limit_scores_the_first_examples(cache, plain, tmp_path):

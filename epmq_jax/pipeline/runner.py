@@ -11,7 +11,8 @@ model's structure before any work, then computes every row of :func:`~epmq_jax.p
    width, each calibrated by the sequential driver from the same per-task calibration inputs;
 3. the E-PMQ anchor-strength sweep and switch ablations;
 4. E-PMQ-full's rows (``calib.full``): per merge its settings chosen on the selection split
-   (:func:`~epmq_jax.pipeline.stages.select_full`), then the default rows and each piece alone;
+   (:func:`~epmq_jax.pipeline.stages.select_full`), then the default rows and each piece alone
+   (the default row at the selection's bit width reuses the selection's calibration);
 
 scores each on the task pool's reported split, and writes into ``WORKDIR``: results.json / .md /
 .csv (:mod:`epmq_jax.report`), ``solver_stats/<variant>.json``, the plots, and packed checkpoints
@@ -20,10 +21,18 @@ of ``quant.checkpoint_methods`` at ``quant.checkpoint_bits`` (:mod:`~epmq_jax.pi
 With ``run.resume`` a rerun of the same config skips the rows already finished (kept in
 ``WORKDIR/rows.partial.jsonl``) and the calibration driver resumes from its last finished block
 (``WORKDIR/resume/<config fingerprint>/<variant>``, removed once the row is recorded).
+
+Companion configs (``run.companions``, e.g. configs/offline_8task.py lists its broad regime): run
+after the config in the same process, each into ``WORKDIR/<its name>/`` exactly as a run of its
+own (with the ``run`` section, ``run.resume`` included, and the cache of the config that lists
+it); ``WORKDIR/results.json`` / results.md and the printed table then hold every companion's rows
+too (:func:`run`). The single-step commands (:func:`merge_command`, :func:`quantize_command`)
+ignore companions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,6 +46,7 @@ import jax
 import ml_collections
 
 from epmq_jax import report
+from epmq_jax.config import COMPANION_OWN_RUN_KEYS
 from epmq_jax.pipeline import stages, validate
 from epmq_jax.pipeline.checkpoints import config_dict, save_checkpoint
 from epmq_jax.pipeline.kinds import build_pools
@@ -129,6 +139,12 @@ class Runner:
             return m.params, None, m.scaling, dict(m.settings)
         resume = None if self.resume_root is None else str(self.resume_root / v.name)
         full = self.full_choice(v.merge) if v.method in FULL_METHODS else None
+        if full is not None:
+            done = full.reusable(stages.calib_config(self.ctx.cfg, v, full)[0])
+            if done is not None:   # the selection calibrated this very row: used once, then let go
+                self._full[v.merge] = dataclasses.replace(full, calibrated=None)
+                self.ctx.log(f"[epmq] {v.name}: reuses the E-PMQ-full selection's calibration (same settings)")
+                return done.params, done.stats, m.scaling, {**m.settings, **done.settings}
         params, stats, damping = stages.calibrate_variant(self.ctx, self.mp, v, m.params,
                                                            self.calib_inputs(), resume, full=full)
         return params, stats, m.scaling, {**m.settings, **damping}
@@ -140,8 +156,17 @@ class Runner:
                                default=v.default, merge_scaling=scaling, settings=settings, **v.sw)
 
 
+#: ``run`` keys no row depends on: left out of the config's fingerprint.
+_NOT_FINGERPRINTED = (*COMPANION_OWN_RUN_KEYS, "resume")
+
+
 def _fingerprint(cfg: ml_collections.ConfigDict) -> str:
-    blob = json.dumps(config_dict(cfg), sort_keys=True, default=str)
+    """A hash of what the config's rows depend on: the whole config but whether it resumes, where
+    it was loaded from and which companions run after it (so a run that stopped, in a companion
+    say, resumes when rerun with ``run.resume``)."""
+    cd = config_dict(cfg)
+    cd["run"] = {k: v for k, v in cd.get("run", {}).items() if k not in _NOT_FINGERPRINTED}
+    blob = json.dumps(cd, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -160,12 +185,63 @@ def _finished_rows(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: What a companion's entry in the main results.json keeps of its own results document.
+_COMPANION_KEYS = ("rows", "tasks", "notes", "timings", "checkpoints", "merges", "full_selection")
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = True, log: Log = say) -> dict[str, Any]:
-    """The whole job (module docstring); returns the results document also written to results.json."""
+    """The whole job (module docstring): the config, then each of its companion configs.
+
+    Every companion (``run.companions``) is loaded and checked, and every pool built and checked
+    against its model, before any work starts. The companions run in this process after the
+    config (JAX's compiled functions are reused) into ``WORKDIR/<companion name>/``, each with
+    the files a run of its own writes, sharing this run's cache (``run.cache_dir``, default
+    ``WORKDIR/cache``). Then ``WORKDIR/results.json`` gains ``companions`` (name -> the
+    companion's config spec, results path, rows, ...) and ``job_timings``, results.md a section
+    per companion, and the printed table the companions' tables.
+
+    Returns:
+      The results document also written to ``WORKDIR/results.json``.
+    """
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
+    companions = validate.check_companions(cfg)
+    workdir = Path(workdir)
+    started = start(cfg, workdir, log=log)
+    started_companions = []
+    for companion in companions:
+        with companion.run.unlocked():   # one cache for the whole job: data, trained models, XLA
+            companion.run.cache_dir = str(started[0].cache_dir.resolve())
+        started_companions.append(start(companion, workdir / companion.name, log=log))
+    doc = _run_config(*started, log=log, since=(t_start, cpu_start))
+    del started   # its pools (models, data) are not needed by the companions
+    write_report(doc, workdir, plots=plots, log=log, show=not companions)
+    if not companions:
+        return doc
+    entries = {}
+    for i, companion in enumerate(companions):
+        (ctx, model_pool, task_pool), started_companions[i] = started_companions[i], None
+        log(f"[epmq] companion config {companion.name} ({companion.run.source}) into {ctx.workdir}")
+        cdoc = _run_config(ctx, model_pool, task_pool, log=log)
+        write_report(cdoc, ctx.workdir, plots=plots, log=log, show=False)
+        entries[companion.name] = {"config": companion.run.source, "description": companion.get("description"),
+                                   "results": str(Path(companion.name) / "results.json"),
+                                   **{k: cdoc[k] for k in _COMPANION_KEYS if k in cdoc}}
+    doc["companions"] = entries
+    doc["job_timings"] = {"total": time.perf_counter() - t_start, "cpu_total": _cpu_seconds() - cpu_start}
+    report.write_doc(workdir / "results.json", doc)
+    write_report(doc, workdir, plots=False, log=log)
+    return report.read_json(workdir / "results.json")
+
+
+def _run_config(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, *, log: Log = say,
+                since: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Every row of one config (:func:`~epmq_jax.pipeline.variants.plan`), its solver statistics,
+    checkpoints and metrics.json; writes and returns its results.json document. Its ``total`` /
+    ``cpu_total`` timings count from ``since`` (wall, CPU seconds; default: now)."""
     from tqdm.auto import tqdm
 
-    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
-    ctx, model_pool, task_pool = start(cfg, workdir, log=log)
+    t_start, cpu_start = since or (time.perf_counter(), _cpu_seconds())
+    cfg = ctx.cfg
     fingerprint = _fingerprint(cfg)
     resume_root = ctx.workdir / "resume" / fingerprint if cfg.run.resume else None
     runner = Runner(ctx, model_pool, task_pool, resume_root)
@@ -217,13 +293,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = Tr
                                 for k, c in runner._full.items()}}
     report.write_json(ctx.workdir / "results.json", rows, config=config_dict(cfg), timings=dict(ctx.timings),
                       extra=extra)
-    doc = report.read_json(ctx.workdir / "results.json")
-    write_report(doc, ctx.workdir, plots=plots, log=log)
-    return doc
+    return report.read_json(ctx.workdir / "results.json")
 
 
-def write_report(doc: Mapping[str, Any], out_dir: str | Path, *, plots: bool = True, log: Log = say) -> list[Path]:
+def _heading(doc: Mapping[str, Any], name: str) -> str:
+    description = doc.get("description") or doc.get("config", {}).get("description")
+    return f"{name}: {description}" if description else name
+
+
+def write_report(doc: Mapping[str, Any], out_dir: str | Path, *, plots: bool = True, log: Log = say,
+                 show: bool = True) -> list[Path]:
     """Writes results.md, results.csv (and the plots) from a results document and prints the table.
+
+    results.csv and the plots hold the document's own rows; results.md and the printed table
+    also each companion's (``doc["companions"]``, written by :func:`run`), in a section headed
+    with its name. ``show=False`` prints only where the files went.
 
     Returns:
       The paths written.
@@ -234,17 +318,32 @@ def write_report(doc: Mapping[str, Any], out_dir: str | Path, *, plots: bool = T
     rows = doc["rows"]
     name = doc.get("config", {}).get("name", out.name)
     notes = doc.get("notes", [])
+    companions = doc.get("companions") or {}
+    sections = [{**c, "heading": _heading(c, cname),
+                 "notes": [f"Companion config {Path(c.get('config') or cname).name} of {name}, run after it in "
+                           f"the same process; its own files are in {cname}/.", *c.get("notes", [])]}
+                for cname, c in companions.items()]
     paths = [report.write_csv(out / "results.csv", rows),
              report.write_markdown(out / "results.md", rows, title=f"epmq results: {name}", notes=notes,
-                                   timings=doc.get("timings"))]
+                                   timings=doc.get("timings"), heading=_heading(doc, name),
+                                   companions=sections)]
     if plots:
         paths += plots_mod.plot_all(rows, out)
-    log(report.format_table(rows, title=f"Scores (%), {name}. " + " ".join(notes)))
-    timings = doc.get("timings", {})
-    if timings:
-        log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    if show:
+        _show(rows, f"Scores (%), {_heading(doc, name)}. " + " ".join(notes), doc.get("timings"), log)
+        for s in sections:
+            _show(s["rows"], f"Scores (%), {s['heading']}. " + " ".join(s.get("notes", [])), s.get("timings"), log)
+        job = doc.get("job_timings")
+        if job:
+            log("job timings (every config): " + ", ".join(f"{k} {v:.1f}s" for k, v in job.items()))
     log(f"[epmq] wrote {', '.join(p.name for p in paths)} to {out}")
     return paths
+
+
+def _show(rows: list[Mapping[str, Any]], title: str, timings: Mapping[str, float] | None, log: Log) -> None:
+    log(report.format_table(rows, title=title))
+    if timings:
+        log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
 
 # ----------------------------------------------------------------------------- single steps

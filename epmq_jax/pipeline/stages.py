@@ -284,6 +284,16 @@ def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Pa
 # ----------------------------------------------------------------------------- E-PMQ-full's settings
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """One run of the driver: its config (:func:`calib_config`) and :func:`calibrate_variant`'s result."""
+
+    config: Any
+    params: Params
+    stats: list[dict]
+    settings: dict[str, Any]
+
+
 #: Keys of ``calib.full.settings`` / ``calib.full.grid``: the FullConfig switches, λ and the solve's damping.
 FULL_KEYS = ("bias", "norms", "token_reach", "token_rest", "rho", "leaves", "residual", "lam", "damp")
 
@@ -297,12 +307,19 @@ class FullChoice:
       lam: the anchor strength λ.
       damp: the solve's damping δ.
       validation: ``{candidate label: validation average}`` of the selection (empty when fixed).
+      calibrated: the selection's calibration of the chosen setting, which the row with the same
+        driver config reuses (:meth:`reusable`); None when no selection ran.
     """
 
     full: Any
     lam: float
     damp: float
     validation: dict[str, float]
+    calibrated: Calibrated | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def reusable(self, config: Any) -> Calibrated | None:
+        """The selection's calibration if it ran with exactly the driver config ``config``, else None."""
+        return self.calibrated if self.calibrated is not None and self.calibrated.config == config else None
 
     def settings(self) -> dict[str, Any]:
         """What the selection chose (JSON-able)."""
@@ -342,7 +359,9 @@ def select_full(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, merge:
     Each candidate (every piece per ``calib.full.settings``, the grid's values applied) is
     calibrated at ``calib.full.select_bits`` bits from the merge ``start`` and scored on
     ``task_pool.select_split``; the best average wins (ties: the earlier candidate). A grid of one
-    candidate is taken as it is, without scoring.
+    candidate is taken as it is, without scoring. The chosen candidate's calibration is kept in
+    :attr:`FullChoice.calibrated`: its row (``epmq_full`` at ``select_bits``, every piece) runs
+    the driver with the same config on the same merge and inputs, so the runner reuses it.
 
     Raises:
       ValueError: the grid has several candidates but the task pool no selection split.
@@ -357,18 +376,21 @@ def select_full(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, merge:
         raise ValueError(f"calib.full.grid has {len(candidates)} candidates, but task pool "
                          f"'{task_pool.kind}' has no split to choose them on; give one value per key")
     bits = int(fcfg.select_bits)
-    results = {}
+    results: dict[str, float] = {}
+    best: tuple[float, dict[str, Any], Calibrated] | None = None   # the best so far (ties: the earlier)
     for setting in candidates:
         choice = _full_choice(setting, {})
         v = with_full_choice(cfg, Variant(merge, "epmq_full", bits), choice)
-        params, _, _ = calibrate_variant(ctx, model_pool, v, start, calib_inputs, full=choice,
-                                         timer="select_full")
-        results[_label(setting, keys)] = float(np.mean(list(scores(score(task_pool, ctx, params,
-                                                                          task_pool.select_split)).values())))
-    best = max(range(len(candidates)), key=lambda i: (results[_label(candidates[i], keys)], -i))
-    ctx.log(f"[epmq] {merge}: E-PMQ-full settings {_label(candidates[best], keys)} chosen on validation at "
+        params, stats, settings = calibrate_variant(ctx, model_pool, v, start, calib_inputs, full=choice,
+                                                    timer="select_full")
+        value = float(np.mean(list(scores(score(task_pool, ctx, params, task_pool.select_split)).values())))
+        results[_label(setting, keys)] = value
+        if best is None or value > best[0]:
+            best = (value, setting, Calibrated(calib_config(cfg, v, choice)[0], params, stats, settings))
+    _, chosen, calibrated = best
+    ctx.log(f"[epmq] {merge}: E-PMQ-full settings {_label(chosen, keys)} chosen on validation at "
             f"{bits} bits ({', '.join(f'{k}: {v:.1f}' for k, v in results.items())})")
-    return _full_choice(candidates[best], results)
+    return dataclasses.replace(_full_choice(chosen, results), calibrated=calibrated)
 
 
 def with_full_choice(cfg: ml_collections.ConfigDict, v: Variant, choice: FullChoice) -> Variant:

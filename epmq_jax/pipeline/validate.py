@@ -1,7 +1,8 @@
 """Checks a whole config before any data is built, model trained or checkpoint loaded.
 
 :func:`check_config` looks at the config alone (types, ranges, names, non-empty lists, regexes);
-:func:`check_against_model` at the model's structure (the merge filter selects at least one leaf,
+:func:`check_companions` loads the companion configs ``epmq run`` runs after it
+(``run.companions``) and checks each the same way; :func:`check_against_model` at the model's structure (the merge filter selects at least one leaf,
 the group size divides every calibrated kernel's input dimension, ``quant.filter`` selects
 exactly the calibrated kernels), which the model pool gives without loading weights or
 training. Every problem is one :class:`ConfigError` line naming the key, the value and what was
@@ -16,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from epmq_jax.config import ConfigError
+from epmq_jax.config import ConfigError, companion_specs, load_companion
 from epmq_jax.pipeline.variants import MERGES, QUANTIZERS, parse_ablation
 
 _ROUNDINGS = ("gptq", "rtn", "none")   # E-PMQ's rounding (AWQ is a method of its own: quant.methods)
@@ -155,6 +156,51 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     mesh = r.get("mesh") or ""
     _need(isinstance(mesh, str) and (mesh in ("", "auto") or re.fullmatch(r"\w+:\d+", mesh) is not None),
           "run.mesh", mesh, "'', 'auto' or 'NAME:SIZE' (e.g. 'data:8')")
+    companions = r.get("companions") or ()
+    _need(isinstance(companions, list | tuple) and all(isinstance(x, str) and x.strip() for x in companions),
+          "run.companions", companions, "a list of companion config files 'PATH[:ARG]'")
+    _need(len(set(companions)) == len(companions), "run.companions", companions, "no repeated configs")
+
+
+#: Folders of a run directory that a companion's own folder (``WORKDIR/<name>``) must not be.
+_RUN_FOLDERS = ("cache", "checkpoints", "solver_stats", "resume")
+
+
+def check_companions(cfg: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """Loads ``run.companions`` (:func:`epmq_jax.config.load_companion`) and checks each one.
+
+    A companion must load, have no companions of its own (nothing recurses), pass
+    :func:`check_config`, and have a name (its run folder ``WORKDIR/<name>``) that no other
+    companion and no folder of the run directory has.
+
+    Returns:
+      The companion configs, in order (empty if there are none).
+
+    Raises:
+      ConfigError: the first problem, in one line naming ``run.companions`` and the companion.
+    """
+    out, names = [], {}
+    for spec in companion_specs(cfg):
+        companion = load_companion(cfg, spec)
+        name = str(companion.get("name", ""))
+        where = f"--config.run.companions: {name} ({spec})"
+        own = companion.run.get("companions") or ()
+        if own:
+            raise ConfigError(f"{where} has companions of its own {tuple(own)!r}; a companion config must "
+                              "set run.companions=() (companions do not nest)")
+        if not name or name in _RUN_FOLDERS or name in names or "/" in name:
+            taken = (f"taken by the companion {names[name]}" if name in names else
+                     f"a folder of the run directory ({', '.join(_RUN_FOLDERS)})" if name in _RUN_FOLDERS
+                     else "not a folder name")
+            raise ConfigError(f"{where}: its name {name!r} is {taken}; give the config another name "
+                              "(its run folder is WORKDIR/<name>)")
+        try:
+            check_config(companion)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        names[name] = spec
+        out.append(companion)
+    return out
 
 
 def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
