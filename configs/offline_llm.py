@@ -162,7 +162,9 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
         lam_sweep=(0.0, 0.01, 0.1, 1.0, 10.0), sweep_merge="ta", sweep_bits=4,
         ablations=("target=merged", "target=mix", "anchor=weight", "rounding=rtn"),
     ))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=800, max_new_tokens=9, progress=True,
+    # Greedy decoding per skill stops after its longest answer + eos (OfflineLLMTaskPool.task_options);
+    # prompts are left-padded to the longest of their batch (length_multiple=1: no extra padding).
+    c.eval = ml_collections.ConfigDict(dict(batch_size=800, max_new_tokens=9, length_multiple=1, progress=True,
                                             limit=ml_collections.config_dict.placeholder(int)))
     c.run = ml_collections.ConfigDict(dict(mesh="", resume=False, cache_dir=""))  # "" = WORKDIR/cache
     _resize(c, size)
