@@ -193,6 +193,28 @@ def test_greedy_batches_rounded_to_the_mesh(tiny_run):
     assert got == _greedy_without_cache(mp.graphdef, params, prompts, 6, tok.EOS)
     assert [len(b) for b in ev._batches(300, 800)] == [304]     # 300 rounded up to 8, not 800
     assert [len(b) for b in ev._batches(20, 8)] == [8, 8, 8]
+    assert [len(b) for b in ev._batches(900, 800)] == [456, 456]   # split evenly, not 800 + 800
+    assert [len(b) for b in ev._batches(7, 3)] == [3, 3, 3]       # never more rows than batch_size
+    for n, size in ((900, 800), (801, 800), (2400, 800), (7, 3)):
+        assert sorted(set(np.concatenate(ev._batches(n, size)).tolist())) == list(range(n))
+
+
+def test_greedy_decoding_stops_after_the_longest_answer(tiny_run):
+    """Each skill decodes its longest answer (any split, counted here from the data) + eos, at
+    most eval.max_new_tokens; the expert row, recomputed above with all of max_new_tokens,
+    shows exact match unchanged."""
+    workdir, _ = tiny_run
+    cfg = _cfg()
+    _, mp, tp = pipeline.start(cfg, workdir)
+    for task in cfg.suite.tasks:
+        longest = max(len(str(a)) for split in offline_llm.SPLITS for a in mp.suite[task].examples(split)[1])
+        assert tp.task_options(task)["max_new_tokens"] == min(longest + 1, cfg.eval.max_new_tokens)
+    with cfg.unlocked():
+        cfg.eval.length_multiple = 0
+    from epmq_jax.pipeline import validate
+
+    with pytest.raises(ValueError, match="eval.length_multiple=0"):
+        validate.check_config(cfg)
 
 
 def test_checkpoint_reloads_with_epmq_eval(tiny_run, capsys):

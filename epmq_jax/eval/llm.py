@@ -63,11 +63,14 @@ def _round_up(n: int, multiple: int) -> int:
 def _batches(n: int, batch_size: int, sharding: Any = None) -> list[np.ndarray]:
     """Row indices of each batch, the last one filled up with its first row.
 
-    Batches have ``batch_size`` rows, or ``n`` rounded up to a multiple of 8 (and of the
-    devices of ``sharding``) when that is fewer.
+    As few batches as ``batch_size`` allows, all of one size: ``n`` split evenly over them,
+    rounded up to a multiple of 8 (and of the devices of ``sharding``) unless that exceeds
+    ``batch_size``, so little is padding (900 rows in batches of at most 800: two of 456, not
+    two of 800).
     """
     multiple = 8 if sharding is None else math.lcm(8, len(sharding.device_set))
-    batch_size = min(batch_size, _round_up(n, multiple))
+    count = -(-n // batch_size)
+    batch_size = min(batch_size, _round_up(-(-n // count), multiple))
     out = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))

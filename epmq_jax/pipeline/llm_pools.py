@@ -256,6 +256,7 @@ class TextTaskPool:
         codec, cfg = self.pool.codec, self.ctx.cfg
         max_length = cfg.data.get("max_length") if "data" in cfg else None
         common = dict(batch_size=self._batch_size(), sharding=self._sharding(),
+                      length_multiple=int(cfg.eval.get("length_multiple", 8)),
                       max_length=None if max_length is None else int(max_length))
         out: dict[str, dict[str, float]] = {}
         groups: dict[tuple[int, int], list[int]] = {}

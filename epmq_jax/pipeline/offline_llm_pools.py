@@ -140,3 +140,21 @@ class OfflineLLMTaskPool(TextTaskPool):
         ex = self.pool.examples(task, split)
         limit = self.ctx.cfg.eval.get("limit")
         return ex if limit is None else ex.take(range(min(int(limit), len(ex))))
+
+    def task_options(self, task: str) -> dict[str, Any]:
+        """``eval.max_new_tokens``, but no more than the skill's longest answer (any split) + eos.
+
+        Exact match is unchanged: a continuation matches when its first ``len(answer)`` tokens
+        are the answer and the next is eos, and greedy tokens do not depend on how many follow,
+        so decoding further cannot turn a miss into a hit or back. Skills with short answers
+        (count, modulo: one digit) decode 2 tokens instead of 9.
+        """
+        opts = super().task_options(task)
+        opts["max_new_tokens"] = min(opts["max_new_tokens"], self._longest_answers[task] + 1)
+        return opts
+
+    @functools.cached_property
+    def _longest_answers(self) -> dict[str, int]:
+        """Per skill, the most tokens an answer has in any split."""
+        return {t: max(len(self.pool.codec.encode(str(a))) for split in ("train", "validation", "test")
+                       for a in self.pool.suite[t].examples(split)[1]) for t in self.tasks}

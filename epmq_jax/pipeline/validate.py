@@ -151,6 +151,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         _check_full(c.full, merges, bits)
 
     _need(isinstance(e.batch_size, int) and e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    if e.get("length_multiple") is not None:
+        _need(isinstance(e.length_multiple, int) and e.length_multiple >= 1, "eval.length_multiple",
+              e.length_multiple, "an integer >= 1")
     if e.get("limit") is not None:
         _need(isinstance(e.limit, int) and e.limit >= 1, "eval.limit", e.limit, "an integer >= 1 (or None)")
     mesh = r.get("mesh") or ""
