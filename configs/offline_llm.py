@@ -128,7 +128,11 @@ bits, but its unrounded relaxation scores as high: the gain is re-merging toward
 wall of 1609 s). Cached rerun (same config, models from the cache; load average 8 -> 4.6):
     timings: build_suite 1.0s, train 1.9s, evaluate_test 166.5s, merge 23.5s, evaluate_validation 50.8s, calibration_data 0.1s, calibrate 406.0s, total 661.3s, cpu_total 510.0s
 (rows as in the first run). 510 CPU-s was over the 5-minute target: hence 2 bits off and the
-cheaper evaluation above (run E's rerun: 292 CPU-s under load). Re-measure on a quiet machine.
+cheaper evaluation above (run E's rerun: 292 CPU-s under load).
+Idle (2026-11-29, nothing else on the 2 cores; main after E-PMQ's solve began sharing GPTQ's
+factorisation, which moved the E-PMQ rows by up to 0.5 points): first run, training included,
+524 s wall / 949 CPU-s; cached rerun 170 s / 293 CPU-s; both printed the same rows
+(benchmarks/results/offline_llm_cpu.md).
 """
 
 import ml_collections
