@@ -594,3 +594,143 @@ def test_decoder_full_reads_the_last_token(model_type):
     assert list(by_path)[-2:] == ["model/norm", "lm_head/kernel"]
     with pytest.raises(ValueError, match="readout"):
         decoder_adapter(model, readout="first")
+
+
+# ----------------------------------------------------------------------------- heads: the readout-metric refit
+
+
+def _heads_problem(T=3, d_in=5, d_out=4, seed=0):
+    r = np.random.default_rng(seed)
+    hs, bs = [], []
+    for t in range(T):
+        x = r.normal(size=(20 + 3 * t, d_in))
+        y = r.normal(size=(len(x), d_out))
+        hs.append(x.T @ x / (t + 1.0))
+        bs.append(x.T @ y / (t + 1.0))
+    heads = [r.normal(size=(d_out, c)) for c in (3, 2, 4)[:T]]
+    return np.stack(hs), np.stack(bs), heads, r.normal(size=(d_in, d_out))
+
+
+def _metric64(u):
+    u = np.asarray(u, np.float64)
+    c = np.eye(u.shape[1]) - 1.0 / u.shape[1]
+    return u @ c @ u.T
+
+
+def test_readout_metric_is_the_centred_logit_distance():
+    """M = U (I − 11ᵀ/C) Uᵀ: vᵀMv is the squared change of the logits Uᵀv after removing their
+    mean; an output change that shifts every logit alike costs nothing."""
+    from epmq_jax.calib.full import readout_metrics
+
+    u = np.random.default_rng(1).normal(size=(6, 4))
+    (m,) = readout_metrics([u.astype(np.float32)])
+    np.testing.assert_allclose(m, _metric64(u), rtol=1e-5, atol=1e-5)
+    v = np.random.default_rng(2).normal(size=6)
+    logits = u.T @ v
+    np.testing.assert_allclose(v @ np.asarray(m, np.float64) @ v, np.sum((logits - logits.mean()) ** 2), rtol=1e-4)
+    shift = u @ np.linalg.solve(u.T @ u, np.ones(4))          # Uᵀ shift = 1: every logit + 1
+    assert abs(shift @ np.asarray(m, np.float64) @ shift) < 1e-4 * np.sum(shift ** 2)
+
+
+@pytest.mark.parametrize("mu", [0.01, 1.0])
+def test_metric_solve_against_float64_kronecker_system(mu):
+    """The conjugate-gradient solve equals the float64 solution of the normal equations written
+    as one Kronecker system: (Σ_t M_t ⊗ H_t + μ I ⊗ H̄_δ) vec P = vec(Σ_t B_t M_t + μ H̄_δ P̂)."""
+    from epmq_jax.calib.full import metric_solve, readout_metrics
+
+    hs, bs, heads, p_hat = _heads_problem()
+    damp = 0.05
+    ms = [_metric64(u) for u in heads]
+    h_bar = hs.sum(0)
+    h_d = h_bar + damp * np.mean(np.diag(h_bar)) * np.eye(len(h_bar))
+    a = sum(np.kron(m, h) for m, h in zip(ms, hs)) + mu * np.kron(np.eye(len(ms[0])), h_d)
+    rhs = sum(b @ m for b, m in zip(bs, ms)) + mu * h_d @ p_hat
+    want = np.linalg.solve(a, rhs.reshape(-1, order="F")).reshape(p_hat.shape, order="F")
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    got, info = metric_solve(f32(hs), f32(bs), jnp.stack(readout_metrics([f32(u) for u in heads])), f32(p_hat),
+                             jnp.float32(mu), jnp.float32(damp))
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    value = lambda p: np.sum(p * (a @ p.reshape(-1, order="F")).reshape(p.shape, order="F")) - 2 * np.sum(p * rhs)  # noqa: E731
+    assert float(info["head_obj_drop"]) == pytest.approx(value(p_hat) - value(want), rel=1e-3)
+    assert float(info["head_rel_resid"]) < 1e-4
+    # a large pull keeps P̂
+    far, _ = metric_solve(f32(hs), f32(bs), jnp.stack(readout_metrics([f32(u) for u in heads])), f32(p_hat),
+                          jnp.float32(1e6), jnp.float32(damp))
+    np.testing.assert_allclose(far, p_hat, atol=1e-4 * np.abs(p_hat).max())
+
+
+def test_vit_heads_refit_is_the_float64_readout_metric_solution():
+    """``heads``: the projection solves the tasks' readout-metric normal equations (float64
+    Kronecker reference) on the pooled class tokens of the calibrated model, pulled toward the
+    anchored least squares of ``leaves``; the refit lowers the tasks' (ω-weighted) centred logit error."""
+    from flax import nnx
+
+    from epmq_jax.calib import vit_adapter
+
+    model, base, merged, experts, pixels = _vit()
+    lam, mu = 0.3, 0.05
+    r = np.random.default_rng(3)
+    heads = [r.normal(size=(16, c)).astype(np.float32) for c in (5, 3)]
+    heads = [h / np.linalg.norm(h, axis=0) for h in heads]
+    kw = dict(objective=Objective(kind="epmq", lam=lam), rounding="none", damp=DAMP, batch_size=8)
+    full = dataclasses.replace(piece_config("heads", FullConfig()), head_lam=mu)
+    res = calibrate(vit_adapter(model), merged, pixels, CalibConfig(**kw, full=full), experts=experts,
+                    readout_heads=heads)
+    plain = calibrate(vit_adapter(model), merged, pixels, CalibConfig(**kw, full=piece_config("leaves", FullConfig())),
+                      experts=experts)
+    graphdef = nnx.split(model)[0]
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+
+    def pooled(params, x):
+        m = nnx.merge(graphdef, params)
+        return f64(m.pool(m.encoder(m.embed(jnp.asarray(x)))))
+
+    xs = [pooled(res.params, x) for x in pixels]
+    ys = [pooled(e, x) @ f64(e["visual_projection"]["kernel"]) for e, x in zip(experts, pixels)]
+    wm = f64(merged["visual_projection"]["kernel"])
+    hs = [x.T @ x / np.linalg.norm(x.T @ x) for x in xs]                     # ω_t H_t (Frobenius weights)
+    bs = [x.T @ y / np.linalg.norm(x.T @ x) for x, y in zip(xs, ys)]
+    h, b = (1 + lam) * sum(hs), sum(bs) + lam * sum(hs) @ wm                  # leaves: the anchored solve
+    c = np.mean(np.diag(h))
+    p_hat = np.linalg.solve(h + DAMP * c * np.eye(len(h)), b + DAMP * c * wm)
+    np.testing.assert_allclose(f64(plain.params["visual_projection"]["kernel"]), p_hat, rtol=2e-3,
+                               atol=2e-3 * np.abs(p_hat).max())
+    ms = [_metric64(u) for u in heads]
+    h_bar = sum(hs)
+    h_d = h_bar + DAMP * np.mean(np.diag(h_bar)) * np.eye(len(h_bar))
+    a = sum(np.kron(m, g) for m, g in zip(ms, hs)) + mu * np.kron(np.eye(16), h_d)
+    rhs = sum(bb @ m for bb, m in zip(bs, ms)) + mu * h_d @ p_hat
+    want = np.linalg.solve(a, rhs.reshape(-1, order="F")).reshape(p_hat.shape, order="F")
+    got = f64(res.params["visual_projection"]["kernel"])
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    stat = [s for s in res.stats if s["path"] == "visual_projection/kernel"][0]
+    assert stat["head_obj_drop"] > 0 and stat["head_rel_resid"] < 1e-4
+    def logit_error(p):        # Σ_t ω_t ‖(X_t P − Y_t) M_t^½‖²: the refit's data term
+        return sum(np.trace((x @ p - y) @ m @ (x @ p - y).T) / np.linalg.norm(x.T @ x)
+                   for x, y, m in zip(xs, ys, ms))
+
+    assert logit_error(got) < logit_error(p_hat)
+
+
+def test_heads_refuses_before_work():
+    from epmq_jax.calib import vit_adapter
+
+    base, merged, experts, inputs = _problem()
+    with pytest.raises(ValueError, match="needs full.leaves"):
+        FullConfig(heads=True)
+    with pytest.raises(ValueError, match="head_lam"):
+        FullConfig(head_lam=0.0)
+    kw = dict(rounding="none", batch_size=4)
+    heads_on = FullConfig(leaves=True, heads=True)
+    with pytest.raises(ValueError, match="no head pseudo block"):
+        calibrate(ToyAdapter(), merged, inputs, CalibConfig(full=heads_on, **kw), experts=experts,
+                  readout_heads=[np.ones((D, 2))] * 3)
+    model, _, vmerged, vexperts, pixels = _vit()
+    with pytest.raises(ValueError, match="needs readout_heads="):
+        calibrate(vit_adapter(model), vmerged, pixels, CalibConfig(full=heads_on, **kw), experts=vexperts)
+    with pytest.raises(ValueError, match=r"readout_heads\[1\] has shape \(8, 3\); expected \(16, n_classes"):
+        calibrate(vit_adapter(model), vmerged, pixels, CalibConfig(full=heads_on, **kw), experts=vexperts,
+                  readout_heads=[np.ones((16, 3)), np.ones((8, 3))])
+    with pytest.raises(ValueError, match="1 heads for 2 tasks"):
+        calibrate(vit_adapter(model), vmerged, pixels, CalibConfig(full=heads_on, **kw), experts=vexperts,
+                  readout_heads=[np.ones((16, 3))])

@@ -194,6 +194,7 @@ BAD_VALUES = [
     ("--config.eval.limit=0", "eval.limit"),
     ("--config.run.mesh=data", "run.mesh"),
     ("--config.suite.regime=wide", "suite.regime"),
+    ("--config.calib.full.settings.head_lam=0", "calib.full.settings"),
 ]
 
 
@@ -289,3 +290,16 @@ def test_companions_take_the_run_section_and_the_size(tmp_path, monkeypatch):
                                                 [("run.companions", "")])) == []
     # merge / quantize do not run companions: the config's own check does not load them
     check_config(load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny", [("run.companions", "nothere.py")]))
+
+
+def test_heads_need_a_task_pool_with_readout_heads():
+    """E-PMQ-full's ``heads`` (on in the offline suite's settings) needs per-task linear heads
+    from the task pool, checked once the pools are built; without the piece nothing is asked."""
+    from epmq_jax.pipeline.validate import check_task_pool
+
+    cfg = load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny", [])
+    check_task_pool(cfg, type("Pool", (), {"readout_heads": lambda self: []})())
+    with pytest.raises(ConfigError, match="task pool 'offline_suite' has no per-task linear heads"):
+        check_task_pool(cfg, object())
+    check_task_pool(load_with_overrides(f"{CONFIGS / 'offline_8task.py'}:tiny",
+                                        [("calib.full.settings.heads", "false")]), object())

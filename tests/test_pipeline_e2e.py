@@ -254,7 +254,8 @@ def test_default_full_row_reuses_only_the_selections_identical_calibration(tiny_
     assert reusable == {f"ta_epmq_full_w{cfg.calib.full.select_bits}"}
     v = full["ta_epmq_full_w4"]
     merged = runner.merged("ta").params
-    fresh, _, _ = stages.calibrate_variant(ctx, mp, v, merged, runner.calib_inputs(), full=choice)
+    fresh, _, _ = stages.calibrate_variant(ctx, mp, v, merged, runner.calib_inputs(), full=choice,
+                                           task_pool=tp)
     reused = choice.calibrated.params
     a, b = pipeline.dequantize_tree(fresh), pipeline.dequantize_tree(reused)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

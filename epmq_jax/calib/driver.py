@@ -474,7 +474,8 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
               mesh: jax.sharding.Mesh | None = None, axis: str | None = None,
               checkpoint_dir: str | None = None, progress: bool = False,
               on_block: Callable[[int], None] | None = None, base: PyTree | None = None,
-              activation_budget: int | None = None, h_rows_from: int | None = None) -> CalibResult:
+              activation_budget: int | None = None, h_rows_from: int | None = None,
+              readout_heads: Sequence[Any] | None = None) -> CalibResult:
     """Calibrates every linear layer the adapter names, block by block (see the module docstring).
 
     Args:
@@ -527,11 +528,13 @@ def calibrate(adapter: CalibAdapter, params: PyTree, task_inputs: Sequence[PyTre
     with jax.default_matmul_precision("highest"):
         return _calibrate(adapter, params, task_inputs, config, experts=experts, mesh=mesh, axis=axis,
                           checkpoint_dir=checkpoint_dir, progress=progress, on_block=on_block, base=base,
-                          activation_budget=activation_budget, h_rows_from=h_rows_from)
+                          activation_budget=activation_budget, h_rows_from=h_rows_from,
+                          readout_heads=readout_heads)
 
 
 def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, checkpoint_dir, progress,
-               on_block, base=None, activation_budget=None, h_rows_from=None) -> CalibResult:
+               on_block, base=None, activation_budget=None, h_rows_from=None,
+               readout_heads=None) -> CalibResult:
     obj = config.objective
     T = len(task_inputs)
     if T == 0:
@@ -545,7 +548,7 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     axis = _check_mesh(mesh, axis)
     full = config.full
     if full is not None:
-        full_mode.check(config, adapter, params, base)
+        full_mode.check(config, adapter, params, base, readout_heads, T)
         if full.leaves and any(streamed.is_lazy(e) for e in experts or []):
             raise ValueError("config.full.leaves (E-PMQ-full's stem and head, which read whole "
                              "expert trees) needs the experts in memory; got experts streamed from disk")
@@ -570,6 +573,8 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         trees = (params, list(task_inputs), [e for e in experts or [] if not streamed.is_lazy(e)])
         if full is not None and full.rho != 1.0:
             trees += (base,)
+        if full is not None and full.heads:
+            trees += ([np.asarray(h) for h in readout_heads],)
         run_id = fingerprint(config, type(adapter).__qualname__, *lazy, trees=trees)
         ckpt = BlockCheckpointer(checkpoint_dir, run_id)
         state = ckpt.restore()
@@ -672,8 +677,9 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             q_carry.block_until_ready()
             on_block(k)
     if head is not None:       # E-PMQ-full: the head after the last block
+        readout = full_mode.readout_metrics(readout_heads) if full.heads else None
         stats += _full_leaves(adapter, head, embed_params, base, experts, q_carry, masks, config, kernels,
-                              e_carry)[1]
+                              e_carry, readout)[1]
     out_params = params
     for path, q in kernels.items():
         out_params = set_path(out_params, key_path(path), q)
@@ -687,11 +693,12 @@ def _norm_paths(adapter, kind, full) -> tuple[str, ...]:
 
 
 def _full_leaves(adapter, kind, params, base, experts, carries, masks, config: CalibConfig, kernels: dict,
-                 e_carry=None) -> tuple[Any, list[dict]]:
+                 e_carry=None, readout=None) -> tuple[Any, list[dict]]:
     """E-PMQ-full on a stem or head pseudo block (whole param trees, float solves).
 
     ``carries``: per task the stacked model inputs (stem) or last-block outputs (head); the
     expert side runs the same inputs (stem) or ``e_carry`` (head) through each expert.
+    ``readout``: the tasks' output metrics for the head's last layer (``heads``), or None.
 
     Returns:
       ``(params with the pseudo block's leaves calibrated, statistics)``; the leaves are also
@@ -707,7 +714,7 @@ def _full_leaves(adapter, kind, params, base, experts, carries, masks, config: C
                     for t in range(len(carries))]
     anchor = full_mode.anchor_tree(params, base, full.rho)
     out, pending = full_mode.calibrate_block(adapter, kind, params, anchor, experts, carries, x_expert, masks,
-                                             config, kind, weighted=False, float_only=True)
+                                             config, kind, weighted=False, float_only=True, readout=readout)
     stats = full_mode.finish_block(pending, kind, config, (), kernels, False)
     for s in stats:
         s["block_time_s"] = time.perf_counter() - t0

@@ -26,6 +26,15 @@ piece is a switch of :class:`FullConfig`:
   ``residuals``) also corrects the stream's accumulated error: its target becomes
   X̃_t W_t + b_t + (r̃_t − r), r̃_t the stream on the expert path, so the sum r + XQ + b matches
   the expert's r̃_t + X̃_t W_t + b_t (the block's output, not only the layer's).
+- ``heads`` (with ``leaves``): the head pseudo block's last layer P, whose output each task reads
+  through its own linear head (``calibrate(readout_heads=...)``, e.g. a classifier's class
+  embeddings), is refitted in each task's readout metric: with U_t the task's head (d_out, C_t),
+  centred over its classes (a logit shift common to all classes changes no prediction) so that
+  M_t = U_t (I − 11ᵀ/C_t) U_tᵀ, P minimises Σ_t ω_t ‖(X̃_t P − Y_t) M_t^½‖² + μ ‖X̃ (P − P̂)‖²_δ,
+  P̂ the layer's solution without the metric (the directions no head reads stay there) and
+  μ = ``head_lam`` (:func:`metric_solve`). The normal equations Σ_t H_t P M_t + μ H̄_δ P = Σ_t B_t M_t
+  + μ H̄_δ P̂ have no closed form for several tasks; they are solved by preconditioned conjugate
+  gradients on P.
 
 Every statistic is float32 at ``Precision.HIGHEST``; nothing inside a block waits for the host.
 """
@@ -60,7 +69,7 @@ from epmq_jax.calib.solve import (
 PyTree = Any
 _HI = jax.lax.Precision.HIGHEST
 #: The pieces of E-PMQ-full, by the name rows use (``"all"`` = every piece, ``"none"`` = none).
-PIECES = ("bias", "norms", "tokens", "anchor", "leaves", "residual")
+PIECES = ("bias", "norms", "tokens", "anchor", "leaves", "residual", "heads")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +85,9 @@ class FullConfig:
       leaves: calibrate the stem and head pseudo blocks (in float).
       residual: layers writing into a residual stream also correct its error (block outputs
         matched, not only layer outputs).
+      heads: refit the head's last layer in each task's readout metric (needs ``leaves`` and the
+        tasks' heads: ``calibrate(readout_heads=...)``).
+      head_lam: μ, the pull of that refit toward the layer's solution without the metric (> 0).
     """
 
     bias: bool = True
@@ -85,9 +97,11 @@ class FullConfig:
     rho: float = 1.0
     leaves: bool = False
     residual: bool = False
+    heads: bool = False
+    head_lam: float = 0.01
 
     def __post_init__(self):
-        for name in ("bias", "norms", "leaves", "residual"):
+        for name in ("bias", "norms", "leaves", "residual", "heads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"full.{name} must be true or false, got {getattr(self, name)!r}")
         r = self.token_reach
@@ -97,6 +111,11 @@ class FullConfig:
             raise ValueError(f"full.token_rest must be in [0, 1], got {self.token_rest!r}")
         if not (isinstance(self.rho, numbers.Real) and math.isfinite(self.rho) and self.rho >= 0):
             raise ValueError(f"full.rho must be a finite number >= 0, got {self.rho!r}")
+        mu = self.head_lam
+        if not (isinstance(mu, numbers.Real) and not isinstance(mu, bool) and math.isfinite(mu) and mu > 0):
+            raise ValueError(f"full.head_lam must be a finite number > 0, got {mu!r}")
+        if self.heads and not self.leaves:
+            raise ValueError("full.heads refits the head pseudo block's last layer: it needs full.leaves=True")
 
     @property
     def tokens(self) -> bool:
@@ -112,13 +131,14 @@ def piece_config(piece: str, chosen: FullConfig) -> FullConfig:
     """The :class:`FullConfig` of one ablation row: ``piece`` alone with ``chosen``'s values.
 
     ``"all"`` is ``chosen`` itself; ``"none"`` turns every piece off (E-PMQ); ``"tokens"`` keeps
-    ``chosen``'s reach and rest weight, ``"anchor"`` its ρ.
+    ``chosen``'s reach and rest weight, ``"anchor"`` its ρ; ``"heads"`` needs the head pseudo
+    block, so it runs with ``leaves`` (compare it with the ``"leaves"`` row).
 
     Raises:
       ValueError: an unknown piece.
     """
     off = FullConfig(bias=False, norms=False, token_reach=0, token_rest=1.0, rho=1.0, leaves=False,
-                     residual=False)
+                     residual=False, heads=False, head_lam=chosen.head_lam)
     if piece == "all":
         return chosen
     if piece == "none":
@@ -129,16 +149,20 @@ def piece_config(piece: str, chosen: FullConfig) -> FullConfig:
         return dataclasses.replace(off, token_reach=chosen.token_reach, token_rest=chosen.token_rest)
     if piece == "anchor":
         return dataclasses.replace(off, rho=chosen.rho)
+    if piece == "heads":
+        return dataclasses.replace(off, leaves=True, heads=True)
     raise ValueError(f"E-PMQ-full piece {piece!r}: expected one of {('all', 'none', *PIECES)}")
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def check(config, adapter, params: PyTree, base: PyTree | None) -> None:
+def check(config, adapter, params: PyTree, base: PyTree | None, readout_heads: Sequence[Any] | None = None,
+          n_tasks: int | None = None) -> None:
     """Refuses, before any work, what E-PMQ-full cannot run: the wrong objective or rounder, an
     adapter without the :class:`~epmq_jax.calib.adapter.FullAdapter` methods a switch needs, or a
-    missing / mismatched base for ρ ≠ 1."""
+    missing / mismatched base for ρ ≠ 1, or ``heads`` without a head pseudo block whose last
+    group is one layer, or without one readout head ``(d_out, C_t >= 2)`` per task."""
     full = config.full
     if config.objective.kind != "epmq":
         raise ValueError(f"CalibConfig.full needs objective kind 'epmq', got {config.objective.kind!r}")
@@ -160,6 +184,102 @@ def check(config, adapter, params: PyTree, base: PyTree | None) -> None:
             flatten_inputs(params, [base], ref_name="params", validate=True)
         except ValueError as e:
             raise ValueError(str(e).replace("experts[0]", "base")) from None
+    if full.heads:
+        _check_heads(readout_heads, head_readout_path(adapter, params)[1], n_tasks)
+
+
+def head_readout_path(adapter, params: PyTree) -> tuple[str, int]:
+    """``(kernel path, d_out)`` of the layer ``heads`` refits: the head pseudo block's last group,
+    which must hold one kernel.
+
+    Raises:
+      ValueError: the adapter has no head pseudo block, or its last group is not one layer.
+    """
+    head = adapter.leaf_kinds()[1] if isinstance(adapter, FullAdapter) else None
+    groups = adapter.linear_groups(head) if head is not None else ()
+    if not groups or len(groups[-1]) != 1:
+        raise ValueError(f"full.heads refits the head pseudo block's last layer: "
+                         f"{type(adapter).__name__} has "
+                         + ("no head pseudo block" if head is None else f"head groups {groups}")
+                         + " (expected a last group of one kernel, e.g. (('visual_projection/kernel',),))")
+    path = groups[-1][0]
+    w = _leaf(params, path)
+    if getattr(w, "ndim", 0) < 2:
+        raise ValueError(f"full.heads: no kernel at '{path}' in params (got {getattr(w, 'shape', None)})")
+    return path, int(w.shape[-1])
+
+
+def _check_heads(heads, d_out: int, n_tasks: int | None) -> None:
+    if heads is None:
+        raise ValueError("full.heads needs readout_heads=: one linear head (d_out, n_classes) per task "
+                         "(e.g. the tasks' classifier or zero-shot class embeddings)")
+    heads = list(heads)
+    if n_tasks is not None and len(heads) != n_tasks:
+        raise ValueError(f"readout_heads has {len(heads)} heads for {n_tasks} tasks")
+    for t, h in enumerate(heads):
+        shape = tuple(getattr(h, "shape", ()))
+        if len(shape) != 2 or shape[0] != d_out or shape[1] < 2:
+            raise ValueError(f"readout_heads[{t}] has shape {shape}; expected ({d_out}, n_classes >= 2) "
+                             f"(rows: the head layer's {d_out} outputs)")
+        if not np.all(np.isfinite(np.asarray(h, np.float64))):
+            raise ValueError(f"readout_heads[{t}] has NaN or inf entries")
+
+
+def readout_metrics(heads: Sequence[Any]) -> list[jax.Array]:
+    """Each head's output metric M_t = U_t (I − 11ᵀ/C_t) U_tᵀ, float32 ``(d_out, d_out)``: the
+    squared distance it gives two outputs is the squared difference of their class logits
+    after removing the shift common to all classes (which changes no prediction)."""
+    out = []
+    for h in heads:
+        u = jnp.asarray(h, jnp.float32)
+        uc = u - jnp.mean(u, axis=1, keepdims=True)      # U C (C symmetric and idempotent)
+        out.append(jnp.matmul(uc, uc.T, precision=_HI))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("maxiter",))
+def metric_solve(hs: jax.Array, bs: jax.Array, ms: jax.Array, p_hat: jax.Array, mu, damp, *,
+                 maxiter: int = 500):
+    """P minimising Σ_t ‖(X_t P − Y_t) M_t^½‖² + μ‖X̄ (P − P̂)‖² + μδc‖P − P̂‖² (``heads``).
+
+    Args:
+      hs, bs: per task the ω_t-weighted moments H_t = ω_t X_tᵀX_t ``(T, d_in, d_in)`` and
+        B_t = ω_t X_tᵀY_t ``(T, d_in, d_out)``.
+      ms: per task the output metric M_t ``(T, d_out, d_out)`` (:func:`readout_metrics`).
+      p_hat: P̂ ``(d_in, d_out)``, the solution without the metric (the start, and the anchor).
+      mu: the anchor's weight μ; damp: δ (c = mean live diagonal of H̄ = Σ_t H_t).
+
+    The normal equations Σ_t H_t P M_t + μ H̄_δ P = Σ_t B_t M_t + μ H̄_δ P̂ (H̄_δ = H̄ + δcI) are
+    solved by conjugate gradients on P, preconditioned by P ↦ H̄_δ⁻¹ P (M̄ + μI)⁻¹ with
+    M̄ = Σ_t tr(H_t) M_t / tr(H̄) (exact when every H_t is proportional to H̄).
+
+    Returns:
+      ``(P, {"head_rel_resid": ‖residual‖/‖right side‖, "head_obj_drop": F(P̂) − F(P)})`` with F
+      the minimised objective up to its constant.
+    """
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    hs, bs, ms, p_hat = f32(hs), f32(bs), f32(ms), f32(p_hat)
+    mm = functools.partial(jnp.matmul, precision=_HI)
+    h_bar = jnp.sum(hs, 0)
+    diag = jnp.diag(h_bar)
+    live = diag != 0
+    c = jnp.where(jnp.any(live), jnp.sum(jnp.where(live, diag, 0.0)) / jnp.maximum(jnp.sum(live), 1), 1.0)
+    h_d = h_bar + damp * c * jnp.eye(h_bar.shape[0], dtype=jnp.float32)
+
+    def op(p):
+        return jnp.sum(mm(mm(hs, p), ms), 0) + mu * mm(h_d, p)
+
+    rhs = jnp.sum(mm(bs, ms), 0) + mu * mm(h_d, p_hat)
+    tr = jnp.trace(hs, axis1=1, axis2=2)
+    m_bar = jnp.einsum("t,tij->ij", tr, ms, precision=_HI) / jnp.maximum(jnp.sum(tr), 1e-30)
+    l_h = jnp.linalg.cholesky(h_d)
+    l_m = jnp.linalg.cholesky(m_bar + mu * jnp.eye(m_bar.shape[0], dtype=jnp.float32))
+    cho = jax.scipy.linalg.cho_solve
+    precond = lambda r: cho((l_h, True), cho((l_m, True), r.T).T)  # noqa: E731
+    p, _ = jax.scipy.sparse.linalg.cg(op, rhs, x0=p_hat, tol=1e-6, maxiter=maxiter, M=precond)
+    value = lambda q: jnp.sum(q * op(q)) - 2.0 * jnp.sum(q * rhs)  # noqa: E731  (F up to a constant)
+    resid = jnp.linalg.norm(op(p) - rhs) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
+    return p, {"head_rel_resid": resid, "head_obj_drop": value(p_hat) - value(p)}
 
 
 def leaf_kinds(adapter, full: FullConfig | None) -> tuple[Hashable | None, Hashable | None]:
@@ -474,7 +594,7 @@ def norm_step(objective: Objective, mom: dict, gamma_a: jax.Array, beta_a: jax.A
 
 
 def calibrate_block(adapter, kind, block, anchor_block, expert_blocks, q_carry, x_expert, masks,
-                    config, where: str, *, weighted: bool, float_only: bool = False):
+                    config, where: str, *, weighted: bool, float_only: bool = False, readout=None):
     """E-PMQ-full on one block (or a stem/head pseudo block): norms and groups in execution order.
 
     Args:
@@ -492,6 +612,8 @@ def calibrate_block(adapter, kind, block, anchor_block, expert_blocks, q_carry, 
       where: the block's path, for messages.
       weighted: whether token weights apply in this block.
       float_only: keep the solves in float (the stem and head).
+      readout: per task the output metric M_t of the last group's layer (``heads``, the head
+        pseudo block; :func:`readout_metrics`), or None.
 
     Returns:
       ``(block with every calibrated leaf written (effective kernels), pending entries)``: pass
@@ -510,7 +632,8 @@ def calibrate_block(adapter, kind, block, anchor_block, expert_blocks, q_carry, 
         if gi < len(groups):
             block, entries = _calibrate_group(adapter, kind, groups[gi], block, anchor_block,
                                               expert_blocks, q_carry, x_expert, masks, config, where,
-                                              weighted, float_only)
+                                              weighted, float_only,
+                                              readout if gi == len(groups) - 1 else None)
             pending += [{**e, "group": gi} for e in entries]
     return block, pending
 
@@ -541,7 +664,7 @@ def _calibrate_norm(adapter, kind, norm: NormSpec, block, anchor_block, expert_b
 
 
 def _calibrate_group(adapter, kind, group, block, anchor_block, expert_blocks, q_carry, x_expert,
-                     masks, config, where, weighted, float_only):
+                     masks, config, where, weighted, float_only, readout=None):
     obj, full = config.objective, config.full
     static_obj = dataclasses.replace(obj, lam=0.0, anchor="output")
     for p in group:
@@ -549,14 +672,20 @@ def _calibrate_group(adapter, kind, group, block, anchor_block, expert_blocks, q
     bias = full.bias and _group_has_bias(block, group, where)
     residual = residual_pairs(adapter, kind, full, group)
     total, omegas, read, rows = None, [], 0.0, 0.0
+    per_task = []     # ω_t-weighted moments of each task (the readout refit needs them apart)
     for t in range(len(q_carry)):
         eb = expert_blocks[t]
         e_kern = {p: _kernel2d(eb, p, f"experts[{t}]/{where}") for p in group}
         e_bias = {p: _leaf(eb, bias_path(p)) for p in group} if bias else None
         r_exp = {p: x_expert[t].get(f"{n}:input") for p, n in residual} if residual else None
-        total, om, rd, n = _group_moments(adapter, kind, tuple(group), static_obj, bias, weighted, residual,
-                                          block, q_carry[t], masks[t], x_expert[t].get(group[0]), e_kern,
-                                          e_bias, r_exp, jnp.float32(full.token_rest), total)
+        own, om, rd, n = _group_moments(adapter, kind, tuple(group), static_obj, bias, weighted, residual,
+                                        block, q_carry[t], masks[t], x_expert[t].get(group[0]), e_kern,
+                                        e_bias, r_exp, jnp.float32(full.token_rest),
+                                        None if readout is not None else total)
+        if readout is not None:
+            per_task.append(own)
+            own = own if total is None else {p: st.add(total[p], own[p]) for p in group}
+        total = own
         omegas.append(om)
         read, rows = read + rd, rows + n
     rounding = "none" if float_only else config.rounder
@@ -574,6 +703,18 @@ def _calibrate_group(adapter, kind, group, block, anchor_block, expert_blocks, q
         else:
             q, eff, raw = layer_step(obj, total[rel], w_a, config.spec, **kw)
             b = None
+        if readout is not None:     # heads: refit in the tasks' readout metrics (float)
+            p_hat = eff if b is None else jnp.concatenate([eff, b[None].astype(eff.dtype)], 0)
+            p, info = metric_solve(jnp.stack([m[rel].h for m in per_task]),
+                                   jnp.stack([m[rel].b for m in per_task]), jnp.stack(readout),
+                                   p_hat, jnp.float32(full.head_lam), jnp.float32(config.damp))
+            raw = {**raw, **info}
+            if b is None:
+                eff = p.astype(eff.dtype)
+            else:
+                eff, b = p[:-1].astype(eff.dtype), p[-1].astype(b.dtype)
+                block = _set(block, bias_path(rel), b)
+            q = eff
         if float_only:
             q = eff = eff.reshape(shape)
         block = _set(block, rel, eff)

@@ -351,6 +351,12 @@ class CLIPZeroShotTaskPool:
         self.ctx.log(f"[epmq] {len(heads)} zero-shot heads in {time.perf_counter() - t0:.1f}s")
         return heads
 
+    def readout_heads(self) -> list[np.ndarray]:
+        """Per task the zero-shot class embeddings ``(projection_dim, n_classes)``, unit columns
+        (how the logits read the normalised image embedding; E-PMQ-full's ``heads``)."""
+        return [np.asarray(h, np.float32) / (np.linalg.norm(np.asarray(h, np.float32), axis=0, keepdims=True) + 1e-6)
+                for h in (self.heads[t] for t in self.tasks)]
+
     def evaluate(self, params: Params | Sequence[Params], split: str) -> dict[str, dict[str, float]]:
         trees = list(params) if isinstance(params, list | tuple) else [params] * len(self.tasks)
         cfg = self.ctx.cfg

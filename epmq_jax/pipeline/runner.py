@@ -89,6 +89,7 @@ def start(cfg: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = say
     ctx = Context(cfg, workdir, log, mesh, axis)
     model_pool, task_pool = build_pools(ctx)
     validate.check_against_model(cfg, model_pool.abstract_params(), model_pool.adapter())
+    validate.check_task_pool(cfg, task_pool)
     enable_compilation_cache(ctx.cache_dir)
     return ctx, model_pool, task_pool
 
@@ -148,7 +149,8 @@ class Runner:
                 self.ctx.log(f"[epmq] {v.name}: reuses the E-PMQ-full selection's calibration (same settings)")
                 return done.params, done.stats, m.scaling, {**m.settings, **done.settings}
         params, stats, damping = stages.calibrate_variant(self.ctx, self.mp, v, m.params,
-                                                           self.calib_inputs(), resume, full=full)
+                                                           self.calib_inputs(), resume, full=full,
+                                                           task_pool=self.tp)
         return params, stats, m.scaling, {**m.settings, **damping}
 
     def row(self, v: Variant, params: Any, scaling: float | None, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -250,12 +250,13 @@ def damping_settings(config: Any) -> dict[str, Any]:
 
 def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Params,
                       calib_inputs: list[Any], resume_dir: str | None = None,
-                      full: FullChoice | None = None, timer: str = "calibrate"
-                      ) -> tuple[Params, list[dict], dict[str, Any]]:
+                      full: FullChoice | None = None, timer: str = "calibrate",
+                      task_pool: TaskPool | None = None) -> tuple[Params, list[dict], dict[str, Any]]:
     """Runs the sequential driver for one variant (:func:`calib_config`) from the float model ``start``.
 
     With ``resume_dir`` the driver checkpoints every block there and resumes from it. E-PMQ-full
-    variants need ``full`` (:func:`select_full`); the base model is passed for its anchor.
+    variants need ``full`` (:func:`select_full`); the base model is passed for its anchor, and
+    for the ``heads`` piece ``task_pool``'s readout heads (:func:`readout_heads`).
 
     Returns:
       ``(params, stats, settings)``: ``start`` with every calibrated kernel replaced
@@ -266,19 +267,36 @@ def calibrate_variant(ctx: Context, model_pool: ModelPool, v: Variant, start: Pa
     from epmq_jax import calib
 
     config, needs_experts = calib_config(ctx.cfg, v, full)
-    base = None
+    base = heads = None
     if config.full is not None and config.full.rho != 1.0:
         base = ctx.replicate(model_pool.base())
+    if config.full is not None and config.full.heads:
+        heads = readout_heads(task_pool)
     with ctx.timed(timer):
         result = calib.calibrate(model_pool.adapter(), ctx.replicate(start), calib_inputs, config,
                                  experts=ctx.replicate(model_pool.experts()) if needs_experts else None,
                                  mesh=ctx.mesh, axis=ctx.axis,
                                  checkpoint_dir=resume_dir,
-                                 progress=ctx.progress, base=base)
+                                 progress=ctx.progress, base=base, readout_heads=heads)
     settings = damping_settings(config)
     if config.full is not None:
         settings.update(config.full.settings(), full_piece=v.piece)
     return result.params, result.stats, settings
+
+
+def readout_heads(task_pool: TaskPool | None) -> list[np.ndarray]:
+    """The task pool's per-task linear heads ``(d_out, n_classes)`` (E-PMQ-full's ``heads``):
+    its optional ``readout_heads()`` method.
+
+    Raises:
+      ValueError: the pool has none (e.g. generative tasks read through the shared LM head).
+    """
+    get = getattr(task_pool, "readout_heads", None)
+    heads = get() if get is not None else None
+    if heads is None:
+        raise ValueError(f"calib.full.settings.heads: task pool {getattr(task_pool, 'kind', None)!r} has no "
+                         "per-task linear heads to read the model's output; set heads=False")
+    return heads
 
 
 # ----------------------------------------------------------------------------- E-PMQ-full's settings
@@ -295,7 +313,8 @@ class Calibrated:
 
 
 #: Keys of ``calib.full.settings`` / ``calib.full.grid``: the FullConfig switches, λ and the solve's damping.
-FULL_KEYS = ("bias", "norms", "token_reach", "token_rest", "rho", "leaves", "residual", "lam", "damp")
+FULL_KEYS = ("bias", "norms", "token_reach", "token_rest", "rho", "leaves", "residual", "heads", "head_lam",
+             "lam", "damp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,12 +357,16 @@ def full_candidates(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return [{**fixed, **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
 
 
+#: The FullConfig fields given as numbers that the config may write as ints.
+_FLOAT_KEYS = ("rho", "token_rest", "head_lam")
+
+
 def _full_choice(setting: Mapping[str, Any], validation: dict[str, float]) -> FullChoice:
     from epmq_jax.calib.full import FullConfig
 
     s = dict(setting)
     lam, damp = float(s.pop("lam")), float(s.pop("damp"))
-    s = {k: (float(v) if k in ("rho", "token_rest") else v) for k, v in s.items()}
+    s = {k: (float(v) if k in _FLOAT_KEYS else v) for k, v in s.items()}
     return FullChoice(FullConfig(**s), lam, damp, validation)
 
 
@@ -382,7 +405,7 @@ def select_full(ctx: Context, model_pool: ModelPool, task_pool: TaskPool, merge:
         choice = _full_choice(setting, {})
         v = with_full_choice(cfg, Variant(merge, "epmq_full", bits), choice)
         params, stats, settings = calibrate_variant(ctx, model_pool, v, start, calib_inputs, full=choice,
-                                                    timer="select_full")
+                                                    timer="select_full", task_pool=task_pool)
         value = float(np.mean(list(scores(score(task_pool, ctx, params, task_pool.select_split)).values())))
         results[_label(setting, keys)] = value
         if best is None or value > best[0]:

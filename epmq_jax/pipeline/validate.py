@@ -209,7 +209,7 @@ def check_companions(cfg: ml_collections.ConfigDict) -> list[ml_collections.Conf
 def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
     """``calib.full``: E-PMQ-full's merges, pieces, fixed settings and selection grid."""
     from epmq_jax.calib.full import PIECES, FullConfig
-    from epmq_jax.pipeline.stages import FULL_KEYS
+    from epmq_jax.pipeline.stages import _FLOAT_KEYS, FULL_KEYS
 
     fm = _choice_list("calib.full.merges", f.merges, MERGES)
     _need(set(fm) <= set(merges), "calib.full.merges", f.merges, f"merges among merge.methods {tuple(merges)}")
@@ -230,16 +230,37 @@ def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
             _need(_number(v) and v >= 0, f"calib.full.{key}", v, "finite numbers >= 0")
     first = {k: v for k, v in settings.items() if k not in ("lam", "damp")}
     first.update({k: vs[0] for k, vs in grid.items() if k not in ("lam", "damp")})
+    try:
+        FullConfig(**{k: float(v) if k in _FLOAT_KEYS else v for k, v in first.items()})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config.calib.full.settings={settings!r}: {err}") from None
     for key, values in grid.items():
         for v in values if key not in ("lam", "damp") else ():
             try:
-                FullConfig(**{**first, key: float(v) if key in ("rho", "token_rest") else v})
+                FullConfig(**{**first, key: float(v) if key in _FLOAT_KEYS else v})
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"--config.calib.full.grid.{key}={values!r}: {err}") from None
-    try:
-        FullConfig(**{k: float(v) if k in ("rho", "token_rest") else v for k, v in first.items()})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--config.calib.full.settings={settings!r}: {err}") from None
+
+
+def uses_heads(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether some E-PMQ-full row of the config refits the head in the tasks' readout metrics."""
+    f = cfg.calib.get("full")
+    if not f or not list(f.merges):
+        return False
+    grid = dict(f.get("grid") or {})
+    return bool(dict(f.settings).get("heads")) or any(grid.get("heads", ())) or "heads" in tuple(f.pieces)
+
+
+def check_task_pool(cfg: ml_collections.ConfigDict, task_pool: Any) -> None:
+    """What the config asks of the task pool, checked once the pools are built (before any work).
+
+    Raises:
+      ConfigError: E-PMQ-full's ``heads`` with a task pool that has no per-task linear heads.
+    """
+    if uses_heads(cfg) and getattr(task_pool, "readout_heads", None) is None:
+        raise ConfigError(f"--config.calib.full.settings.heads: task pool {cfg.task_pool.kind!r} has no "
+                          "per-task linear heads for E-PMQ-full's 'heads' piece (the image suites have); "
+                          "set heads=False and leave 'heads' out of calib.full.pieces")
 
 
 def calibrated_kernels(adapter: Any, params: Any) -> list[tuple[str, tuple[int, ...]]]:
