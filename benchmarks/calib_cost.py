@@ -15,6 +15,13 @@ minimum over the rounds. Per block it prints:
   objectives (:func:`epmq_jax.calib.solve.layer_step`) timed alone on the same statistics (min
   of 3): the floor a driver cannot go below;
 - ``ratio``: block / solvers (what the statistics, the forward passes and the bookkeeping add);
+- ``floor s`` (steady-state table): the least arithmetic a block's statistics need, timed alone
+  as one compiled function on all T x images inputs at once (:func:`stats_floor`): one forward
+  of the merged block and the Gram matrix of each group's input; for E-PMQ also each task's
+  expert block, the targets X_t W_t of the six layers and the cross moments X̃_tᵀY_t. No
+  driver can do a block in less than ``solvers + floor``; ``floor ratio`` = that / solvers is
+  the best ``ratio`` any driver could print on this machine (a Gram matrix computed for its
+  lower half only would save at most half of its share);
 - ``compiles``: XLA compilations during the block in the first round (0 after block 0 means
   compilation is paid once per distinct shape);
 - ``peak MB``: peak resident memory of the process during the block (``VmHWM``, reset before
@@ -39,6 +46,7 @@ from _machine import add_load_args, check_quiet, finish  # benchmarks/ is the sc
 from flax import nnx
 
 from epmq_jax.calib import CalibConfig, Objective, calibrate, driver, vit_adapter
+from epmq_jax.calib.adapter import get_path, key_path
 from epmq_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from epmq_jax.quant import QuantSpec
 
@@ -101,6 +109,66 @@ class _Probe:
     def close(self):
         driver.layer_step = self._real
         jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def stats_floor(model, merged, experts, pixels, T: int, method: str, reps: int = 3) -> float:
+    """Seconds (min of ``reps``, compiled beforehand) of the least arithmetic of one block's
+    statistics for ``method`` on T tasks' inputs (module docstring, ``floor s``)."""
+    import jax.numpy as jnp
+
+    adapter = vit_adapter(model)
+    kind = adapter.block_kind(1)
+    bpath = adapter.block_paths(merged)[1]
+    groups = adapter.linear_groups(kind)
+    n_img = pixels[0].shape[0]
+    x = jnp.concatenate([adapter.embed(merged, jnp.asarray(p)) for p in pixels[:T]])
+    block = get_path(merged, bpath)
+    ex = jax.tree.map(lambda *a: jnp.stack(a), *[get_path(e, bpath) for e in experts[:T]])
+
+    def gram(a):
+        a = a.reshape(-1, a.shape[-1])
+        return jnp.matmul(a.T, a, precision=_HI)
+
+    def kernel(tree, path):
+        return get_path(tree, key_path(path))
+
+    @jax.jit
+    def gptq(block, x):
+        out, caps = adapter.run_block(kind, block, x)
+        return out, [gram(caps[g[0]]) for g in groups]
+
+    @jax.jit
+    def epmq(block, ex, x):
+        out, caps = adapter.run_block(kind, block, x)
+        hs = [gram(caps[g[0]]) for g in groups]
+        split = lambda a: a.reshape(T, n_img, *a.shape[1:])  # noqa: E731
+
+        def task(args):
+            eb, xt, mine = args
+            _, e_caps = adapter.run_block(kind, eb, xt)             # the expert path's inputs X_t
+            bs = []
+            for g in groups:
+                xe = e_caps[g[0]].reshape(-1, e_caps[g[0]].shape[-1])
+                xm = mine[g[0]].reshape(-1, mine[g[0]].shape[-1])
+                for p in g:
+                    y = jnp.matmul(xe, kernel(eb, p), precision=_HI)     # targets X_t W_t
+                    bs.append(jnp.matmul(xm.T, y, precision=_HI))         # X̃_tᵀ Y_t
+            return bs
+
+        bs = jax.lax.map(task, (ex, split(x), {g[0]: split(caps[g[0]]) for g in groups}))
+        return out, hs, [b.sum(0) for b in bs]
+
+    call = (lambda: gptq(block, x)) if method == "gptq" else (lambda: epmq(block, ex, x))
+    jax.block_until_ready(call())
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def run(probe: _Probe, method: str, T: int, model, merged, experts_all, pixels_all, bits: int,
@@ -181,15 +249,18 @@ def main() -> None:
                 blocks = range(1, args.blocks) if args.blocks > 1 else range(1)
                 steady[method] = (np.mean([min(rr[k]["time"] for rr in rounds) for k in blocks]),
                                   np.mean([min(rr[k]["solvers"] for rr in rounds) for k in blocks]))
-            summary.append((T, steady))
+            floors = {m: stats_floor(model, merged, experts, pixels, T, m) for m in runs}
+            summary.append((T, steady, floors))
     finally:
         probe.close()
     print()
     print(f"steady state (blocks {'1+' if args.blocks > 1 else '0'}):")
-    print(f"{'T':>3} | {'GPTQ s':>7} {'/solvers':>8} | {'E-PMQ s':>7} {'/solvers':>8} | {'E-PMQ/GPTQ':>10}")
-    for T, st in summary:
+    print(f"{'T':>3} | {'GPTQ s':>7} {'/solvers':>8} {'floor s':>7} {'floor ratio':>11} | "
+          f"{'E-PMQ s':>7} {'/solvers':>8} {'floor s':>7} {'floor ratio':>11} | {'E-PMQ/GPTQ':>10}")
+    for T, st, fl in summary:
         (tg, sg), (te, se) = st["gptq"], st["epmq"]
-        print(f"{T:>3} | {tg:>7.2f} {tg / sg:>8.2f} | {te:>7.2f} {te / se:>8.2f} | {te / tg:>10.2f}")
+        print(f"{T:>3} | {tg:>7.2f} {tg / sg:>8.2f} {fl['gptq']:>7.2f} {(sg + fl['gptq']) / sg:>11.2f} | "
+              f"{te:>7.2f} {te / se:>8.2f} {fl['epmq']:>7.2f} {(se + fl['epmq']) / se:>11.2f} | {te / tg:>10.2f}")
     finish(loaded)
 
 
