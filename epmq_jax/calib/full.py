@@ -250,7 +250,7 @@ def metric_solve(hs: jax.Array, bs: jax.Array, ms: jax.Array, p_hat: jax.Array, 
       mu: the anchor's weight μ; damp: δ (c = mean live diagonal of H̄ = Σ_t H_t).
 
     The normal equations Σ_t H_t P M_t + μ H̄_δ P = Σ_t B_t M_t + μ H̄_δ P̂ (H̄_δ = H̄ + δcI) are
-    solved by conjugate gradients on P, preconditioned by P ↦ H̄_δ⁻¹ P (M̄ + μI)⁻¹ with
+    solved by conjugate gradients on the correction P − P̂, preconditioned by P ↦ H̄_δ⁻¹ P (M̄ + μI)⁻¹ with
     M̄ = Σ_t tr(H_t) M_t / tr(H̄) (exact when every H_t is proportional to H̄).
 
     Returns:
@@ -276,7 +276,11 @@ def metric_solve(hs: jax.Array, bs: jax.Array, ms: jax.Array, p_hat: jax.Array, 
     l_m = jnp.linalg.cholesky(m_bar + mu * jnp.eye(m_bar.shape[0], dtype=jnp.float32))
     cho = jax.scipy.linalg.cho_solve
     precond = lambda r: cho((l_h, True), cho((l_m, True), r.T).T)  # noqa: E731
-    p, _ = jax.scipy.sparse.linalg.cg(op, rhs, x0=p_hat, tol=1e-6, maxiter=maxiter, M=precond)
+    # for the correction D = P − P̂ (from 0): the tolerance is relative to the correction's right
+    # side, so directions the data hardly constrain (curvature ~ μδc) stay at P̂ instead of
+    # carrying float32 noise of the size of the whole right side
+    d, _ = jax.scipy.sparse.linalg.cg(op, rhs - op(p_hat), tol=1e-6, maxiter=maxiter, M=precond)
+    p = p_hat + d
     value = lambda q: jnp.sum(q * op(q)) - 2.0 * jnp.sum(q * rhs)  # noqa: E731  (F up to a constant)
     resid = jnp.linalg.norm(op(p) - rhs) / jnp.maximum(jnp.linalg.norm(rhs), 1e-30)
     return p, {"head_rel_resid": resid, "head_obj_drop": value(p_hat) - value(p)}
