@@ -34,7 +34,7 @@ piece is a switch of :class:`FullConfig`:
   P̂ the layer's solution without the metric (the directions no head reads stay there) and
   μ = ``head_lam`` (:func:`metric_solve`). The normal equations Σ_t H_t P M_t + μ H̄_δ P = Σ_t B_t M_t
   + μ H̄_δ P̂ have no closed form for several tasks; they are solved by preconditioned conjugate
-  gradients on P.
+  gradients on the correction P − P̂.
 
 Every statistic is float32 at ``Precision.HIGHEST``; nothing inside a block waits for the host.
 """
