@@ -226,6 +226,11 @@ def test_merge_coefficient_chosen_on_validation(clip_setup, tmp_path):
         val[s] = _torch_accuracy(base, merged.eval(), root / "base", "eurosat", data, "validation")
     want = max(val, key=lambda s: (val[s], -s))
     assert stages.merge_method(ctx, mp, tp, "ta", mp.calibration_inputs).scaling == want
+    # the zero-shot heads as E-PMQ-full's `heads` piece reads them: unit columns, one per task
+    [u] = tp.readout_heads()
+    h = np.asarray(tp.heads["eurosat"], np.float64)
+    assert u.shape == h.shape and u.shape[0] == base.config.projection_dim
+    np.testing.assert_allclose(u, h / np.linalg.norm(h, axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_quant_filter_must_match_the_adapter(clip_setup, tmp_path):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from epmq_jax.pipeline.pools import Context, ModelPool, Params
+from epmq_jax.pipeline.pools import Context, ModelPool, Params, unit_columns
 
 
 def data_dir(cfg) -> str:
@@ -354,8 +354,7 @@ class CLIPZeroShotTaskPool:
     def readout_heads(self) -> list[np.ndarray]:
         """Per task the zero-shot class embeddings ``(projection_dim, n_classes)``, unit columns
         (how the logits read the normalised image embedding; E-PMQ-full's ``heads``)."""
-        return [np.asarray(h, np.float32) / (np.linalg.norm(np.asarray(h, np.float32), axis=0, keepdims=True) + 1e-6)
-                for h in (self.heads[t] for t in self.tasks)]
+        return [unit_columns(self.heads[t]) for t in self.tasks]
 
     def evaluate(self, params: Params | Sequence[Params], split: str) -> dict[str, dict[str, float]]:
         trees = list(params) if isinstance(params, list | tuple) else [params] * len(self.tasks)

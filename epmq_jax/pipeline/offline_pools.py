@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from epmq_jax.pipeline.pools import Context, ModelPool, Params
+from epmq_jax.pipeline.pools import Context, ModelPool, Params, unit_columns
 
 
 class OfflineModelPool:
@@ -134,7 +134,7 @@ class OfflineTaskPool:
     def readout_heads(self) -> list[np.ndarray]:
         """Per task the cosine head's class embeddings ``(projection_dim, n_classes)``, unit
         columns (how the logits read the image embedding; E-PMQ-full's ``heads``)."""
-        return [_unit_columns(self.heads[t]["kernel"]) for t in self.tasks]
+        return [unit_columns(self.heads[t]["kernel"]) for t in self.tasks]
 
     @property
     def logit_scale(self) -> float:
@@ -173,9 +173,3 @@ class OfflineTaskPool:
     def restore_target(self) -> Params:
         """The structure of :meth:`checkpoint_state`'s arrays, for loading them back."""
         return {"heads": {t: {"kernel": 0} for t in self.tasks}}
-
-
-def _unit_columns(w: Any) -> np.ndarray:
-    """A head's columns scaled to unit length (float32), as a cosine classifier uses them."""
-    w = np.asarray(w, np.float32)
-    return w / (np.linalg.norm(w, axis=0, keepdims=True) + 1e-6)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import ml_collections
+import numpy as np
 
 Params = dict[str, Any]
 Log = Callable[[str], None]
@@ -168,6 +169,14 @@ class TaskPool(Protocol):
 
 TaskPoolBuilder = Callable[[Context, ModelPool, Mapping[str, Any] | None], TaskPool]
 ModelPoolBuilder = Callable[[Context], ModelPool]
+
+
+def unit_columns(head: Any) -> np.ndarray:
+    """A linear head ``(d, n_classes)`` with its columns scaled to unit length (float32 NumPy), as a
+    cosine or zero-shot classifier reads the embedding: what a task pool's ``readout_heads()``
+    returns (E-PMQ-full's ``heads``)."""
+    w = np.asarray(head, np.float32)
+    return w / (np.linalg.norm(w, axis=0, keepdims=True) + 1e-6)
 
 
 def scores(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
