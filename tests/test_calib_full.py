@@ -667,7 +667,10 @@ def test_vit_heads_refit_is_the_float64_readout_metric_solution():
 
     from epmq_jax.calib import vit_adapter
 
-    model, base, merged, experts, pixels = _vit()
+    model, base, merged, experts, _ = _vit()
+    # more pooled rows (88) than projection inputs (32): the refit is well determined, so float32
+    # noise upstream (which differs between CPUs) cannot move the kernel beyond the tolerance
+    pixels = [np.random.default_rng(5).normal(size=(n, 16, 16, 3)).astype(np.float32) for n in (48, 40)]
     lam, mu = 0.3, 0.05
     r = np.random.default_rng(3)
     heads = [r.normal(size=(16, c)).astype(np.float32) for c in (5, 3)]

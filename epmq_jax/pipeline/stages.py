@@ -358,7 +358,7 @@ def full_candidates(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 
 #: The FullConfig fields given as numbers that the config may write as ints.
-_FLOAT_KEYS = ("rho", "token_rest", "head_lam")
+FULL_FLOAT_KEYS = ("rho", "token_rest", "head_lam")
 
 
 def _full_choice(setting: Mapping[str, Any], validation: dict[str, float]) -> FullChoice:
@@ -366,7 +366,7 @@ def _full_choice(setting: Mapping[str, Any], validation: dict[str, float]) -> Fu
 
     s = dict(setting)
     lam, damp = float(s.pop("lam")), float(s.pop("damp"))
-    s = {k: (float(v) if k in _FLOAT_KEYS else v) for k, v in s.items()}
+    s = {k: (float(v) if k in FULL_FLOAT_KEYS else v) for k, v in s.items()}
     return FullChoice(FullConfig(**s), lam, damp, validation)
 
 

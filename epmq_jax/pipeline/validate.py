@@ -209,7 +209,7 @@ def check_companions(cfg: ml_collections.ConfigDict) -> list[ml_collections.Conf
 def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
     """``calib.full``: E-PMQ-full's merges, pieces, fixed settings and selection grid."""
     from epmq_jax.calib.full import PIECES, FullConfig
-    from epmq_jax.pipeline.stages import _FLOAT_KEYS, FULL_KEYS
+    from epmq_jax.pipeline.stages import FULL_FLOAT_KEYS, FULL_KEYS
 
     fm = _choice_list("calib.full.merges", f.merges, MERGES)
     _need(set(fm) <= set(merges), "calib.full.merges", f.merges, f"merges among merge.methods {tuple(merges)}")
@@ -231,13 +231,13 @@ def _check_full(f: ml_collections.ConfigDict, merges: list, bits: list) -> None:
     first = {k: v for k, v in settings.items() if k not in ("lam", "damp")}
     first.update({k: vs[0] for k, vs in grid.items() if k not in ("lam", "damp")})
     try:
-        FullConfig(**{k: float(v) if k in _FLOAT_KEYS else v for k, v in first.items()})
+        FullConfig(**{k: float(v) if k in FULL_FLOAT_KEYS else v for k, v in first.items()})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--config.calib.full.settings={settings!r}: {err}") from None
     for key, values in grid.items():
         for v in values if key not in ("lam", "damp") else ():
             try:
-                FullConfig(**{**first, key: float(v) if key in _FLOAT_KEYS else v})
+                FullConfig(**{**first, key: float(v) if key in FULL_FLOAT_KEYS else v})
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"--config.calib.full.grid.{key}={values!r}: {err}") from None
 
