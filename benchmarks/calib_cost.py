@@ -4,7 +4,10 @@ Random weights (the cost does not depend on them): the merged model is the CLIP 
 ``epmq_jax.models.clip`` with the ViT-B/32 config (width 768, MLP 3072, 12 heads, 50 tokens),
 cut to ``--blocks`` blocks (every block has the same shapes, so per-block cost is the same for
 all 12); each expert is the merge plus noise. Every task contributes ``--images`` calibration
-images, so GPTQ and E-PMQ see the same data (T x images in all).
+images, so GPTQ and E-PMQ see the same data (T x images in all), with ``CalibConfig(batch_size=
+--batch-size)`` (default 32, the ViT-B/32 paper config's ``calib.batch_size``): E-PMQ runs each
+task's images as one batch of 2 (the driver pads no task beyond its largest one); GPTQ on the
+merge (uniform task weights) pools all tasks' images into batches of up to 32.
 
 GPTQ and E-PMQ runs are interleaved (``--rounds`` of each, in turn) and every figure is the
 minimum over the rounds. Per block it prints:
@@ -172,10 +175,10 @@ def stats_floor(model, merged, experts, pixels, T: int, method: str, reps: int =
 
 
 def run(probe: _Probe, method: str, T: int, model, merged, experts_all, pixels_all, bits: int,
-        group: int) -> list[dict]:
+        group: int, batch_size: int) -> list[dict]:
     """One calibration; returns per block {time, solvers, compiles, peak}."""
     cfg = CalibConfig(objective=Objective(kind="gptq") if method == "gptq" else Objective(kind="epmq"),
-                      spec=QuantSpec(bits=bits, group_size=group), batch_size=pixels_all[0].shape[0])
+                      spec=QuantSpec(bits=bits, group_size=group), batch_size=batch_size)
     rows = []
     t_last = [0.0]
 
@@ -201,6 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2, help="calibration images per task")
     ap.add_argument("--blocks", type=int, default=3, help="number of ViT-B/32 blocks (12 = full model)")
+    ap.add_argument("--batch-size", type=int, default=32, help="CalibConfig.batch_size (samples per pass, at most)")
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 8, 20])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
@@ -220,8 +224,8 @@ def main() -> None:
     pixels = [r.normal(size=(args.images, 224, 224, 3)).astype(np.float32) for _ in range(t_max)]
 
     print(f"calib_cost: ViT-B/32 shapes (width 768, MLP 3072, 50 tokens), {args.blocks} blocks, "
-          f"{args.images} images/task, {args.bits}-bit g{args.group_size}; min of {args.rounds} "
-          "interleaved rounds")
+          f"{args.images} images/task, batch_size {args.batch_size}, {args.bits}-bit g{args.group_size}; "
+          f"min of {args.rounds} interleaved rounds")
     print("block s = driver wall time of the block; solvers s = its six layers' solve + rounding timed "
           "alone; ratio = block / solvers; compiles = XLA compilations during the block (first round); "
           "peak = peak RSS during the block (MB)")
@@ -235,7 +239,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for method in runs:
                     runs[method].append(run(probe, method, T, model, merged, experts, pixels, args.bits,
-                                            args.group_size))
+                                            args.group_size, args.batch_size))
             print(header)
             print("-" * len(header))
             steady = {}

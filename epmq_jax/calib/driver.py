@@ -10,7 +10,9 @@ For block k, in forward order:
    (earlier blocks and earlier groups already calibrated) and the group's statistics H and B are
    accumulated (:mod:`epmq_jax.calib.stats`): one compiled scan over a task's batches, then the
    task's sums are added with its weight ω_t (memory: two accumulators and one expert block at
-   a time, flat in T); each layer's objective is solved, rounded and reported
+   a time, flat in T). With the ``gptq`` objective and uniform task weights (no targets, all
+   rows alike) the tasks' samples are pooled into one stream of full batches instead: one pass
+   per group for all T tasks (:func:`_poolable`); each layer's objective is solved, rounded and reported
    (:func:`epmq_jax.calib.solve.layer_step`, one compiled program per layer shape) and its
    effective kernel written into the block;
 3. the calibrated block's outputs become block k+1's inputs.
@@ -117,7 +119,10 @@ class CalibConfig:
       block_size, act_order, static_groups: GPTQ options.
       awq: shorthand for ``rounding="awq"`` (overrides ``rounding``).
       awq_grid: number of AWQ scale ratios; awq_clip: AWQ's clipping search (never for q, k).
-      batch_size: calibration samples per forward pass (batches are padded to it).
+      batch_size: calibration samples per forward pass at most. The largest task (pooled
+        tasks, see the module docstring, count as one) is split into as few batches as this
+        allows, of even size, and every task is padded to that size (padding rows weigh 0):
+        a few samples are not padded up to ``batch_size``.
       propagate: what feeds the next block: ``quantized`` (the calibrated block, GPTQ / E-PMQ's
         sequential mode) or ``float`` (the merged block, as the AWQ reference does). Default:
         ``float`` for AWQ, else ``quantized``.
@@ -436,6 +441,34 @@ def _check_inputs(params: PyTree, experts: Sequence[PyTree] | None,
                 raise ValueError(f"{name} (shape {tuple(np.shape(x))}) contains NaN or inf")
 
 
+def _poolable(config: CalibConfig, task_inputs: Sequence[PyTree], activation_budget) -> bool:
+    """Whether the tasks' samples can be pooled into one stream of batches.
+
+    With the ``gptq`` objective and uniform task weights the statistics are sums over all tasks'
+    rows alike (H = Σ_t X_tᵀX_t, no targets), so the task boundaries do not matter: pooled,
+    every batch is full (a task with a few samples is not padded up to a batch of its own) and
+    there is one compiled pass per group instead of one per task. Not for AWQ (its clipping
+    search samples rows as llm-awq does, per task), nor under an ``activation_budget`` (which
+    moves one task's activations at a time), nor when the tasks' inputs differ in structure,
+    trailing shapes or dtypes (they could not be concatenated).
+    """
+    obj = config.objective
+    if (len(task_inputs) < 2 or obj.kind != "gptq" or obj.task_weights != "uniform"
+            or config.rounder not in ("gptq", "none") or config.full is not None
+            or activation_budget is not None):
+        return False
+    flat = [jax.tree.flatten(x) for x in task_inputs]
+    if any(td != flat[0][1] for _, td in flat[1:]):
+        return False
+    sig = lambda x: (np.shape(x)[1:], np.dtype(getattr(x, "dtype", np.asarray(x).dtype)))  # noqa: E731
+    return all([sig(a) for a in leaves] == [sig(a) for a in flat[0][0]] for leaves, _ in flat[1:])
+
+
+def _pool(task_inputs: Sequence[PyTree]) -> PyTree:
+    """All tasks' samples in one input tree, task after task (on the host, as batching is)."""
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *task_inputs)
+
+
 def _check_mesh(mesh, axis) -> str | None:
     if mesh is None:
         if axis is not None:
@@ -553,11 +586,8 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             raise ValueError("config.full.leaves (E-PMQ-full's stem and head, which read whole "
                              "expert trees) needs the experts in memory; got experts streamed from disk")
     _check_inputs(params, experts, task_inputs)
-    bs = config.batch_size
     sharding = layout = None
     if mesh is not None:
-        k = mesh.shape[axis]
-        bs = -(-bs // k) * k
         sharding = NamedSharding(mesh, P(None, axis))     # (batches, samples, ...): samples split
         layout = Layout(mesh, axis)
     blocks = list(adapter.block_paths(params))
@@ -581,7 +611,19 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         if state is not None:
             done, restored, stats = state
 
-    batches = [_batches(x, bs, f"task_inputs[{t}]", sharding) for t, x in enumerate(task_inputs)]
+    n_tasks = T
+    streams = list(task_inputs)
+    if _poolable(config, task_inputs, activation_budget):     # one stream of all tasks' samples
+        streams, T = [_pool(task_inputs)], 1
+    # as few batches as batch_size allows for the largest stream, of even size: a few samples
+    # are not padded up to batch_size (one compiled shape for all streams)
+    n_max = max(_n_samples(x, f"task_inputs[{t}]") for t, x in enumerate(streams))
+    bs = -(-n_max // -(-n_max // config.batch_size))
+    if mesh is not None:
+        k = mesh.shape[axis]
+        bs = -(-bs // k) * k
+    batches = [_batches(x, bs, f"task_inputs[{t}]", sharding) for t, x in enumerate(streams)]
+    del streams
     masks = [m for _, m in batches]
     kernels: dict[str, Any] = dict(restored)
     stem, head = full_mode.leaf_kinds(adapter, full)
@@ -667,7 +709,7 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             q_carry[t] = _advance_all(adapter, kind, out_block, q_carry[t], layout=layout)
         if pending:
             stats += (full_mode.finish_block(pending, k, config, bpath, kernels, weighted) if full is not None
-                      else _finish_block(pending, k, config, bpath, kernels))
+                      else _finish_block(pending, k, config, bpath, kernels, n_tasks))
             block_time = time.perf_counter() - t0
             for s in stats[-len(pending):]:
                 s["block_time_s"] = block_time
@@ -738,8 +780,10 @@ def _over_budget(budget, layout, q_carry: Stash, e_carry: Stash | None, adapter,
     return need / (1 if layout is None else layout.size) > budget
 
 
-def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) -> list[dict]:
-    """Fetches a block's statistics at once (one host round trip), checks them, records the kernels."""
+def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict, n_tasks: int) -> list[dict]:
+    """Fetches a block's statistics at once (one host round trip), checks them, records the kernels.
+
+    ``n_tasks``: the number of tasks (one ω_t each; pooled tasks all have ω_t = 1)."""
     raw = jax.device_get([(r, n, om) for _, _, _, _, r, n, om in pending])
     out = []
     for (gi, rel, q, shape, _, _, _), (r, n, om) in zip(pending, raw):
@@ -747,7 +791,10 @@ def _finish_block(pending, k: int, config: CalibConfig, bpath, kernels: dict) ->
         s = finish_stats(r, path=path, shape=shape, objective=config.objective,
                          rounding=config.rounder, damp=config.damp,
                          damp_center=config.damp_center, gptq_damp=config.gptq_damp)
-        s.update(block=k, group=gi, n_rows=stat_float(n), task_weights=[stat_float(o) for o in om])
+        omegas = [stat_float(o) for o in om]
+        if len(omegas) != n_tasks:       # pooled: one sum over all tasks' rows, every ω_t = 1
+            omegas = omegas * n_tasks
+        s.update(block=k, group=gi, n_rows=stat_float(n), task_weights=omegas)
         kernels[path] = q
         out.append(s)
     return out
