@@ -185,17 +185,21 @@ def test_full_mode_with_streamed_experts_equals_in_memory(llamas):
 # ----------------------------------------------------------------------------- spilled activations
 
 
-def activation_bytes(config, data, batch_size):
-    """docs/adapters.md: per block, Σ_t N_t·S·(2·(d·b + 8) + Σ_g d_in,g·b) bytes (N_t: task t's
-    samples rounded up to the batch size; carries of both paths hold the hidden states and two
-    int32 masks; the expert path keeps each group's input: q/k/v and gate/up read d, o_proj
-    heads·head_dim, down_proj the MLP width)."""
+def activation_bytes(config, data, batch_size, k=1):
+    """docs/scale.md: per block, Σ_t N_t·S·(2·(d·b + 8) + Σ_g d_in,g·b) bytes (N_t: task t's
+    samples rounded up to the batch size: the largest task split evenly into as few batches of
+    at most ``batch_size`` as it allows, rounded up to a multiple of the mesh axis size k;
+    carries of both paths hold the hidden states and two int32 masks; the expert path keeps each
+    group's input: q/k/v and gate/up read d, o_proj heads·head_dim, down_proj the MLP width)."""
     d, b = config.hidden_size, 4
     groups = d + config.num_attention_heads * config.head_dim + d + config.intermediate_size
+    n_max = max(x["input_ids"].shape[0] for x in data)
+    bs = -(-n_max // -(-n_max // batch_size))
+    bs = -(-bs // k) * k
     total = 0
     for x in data:
         n, s = x["input_ids"].shape
-        total += -(-n // batch_size) * batch_size * s * (2 * (d * b + 8) + groups * b)
+        total += -(-n // bs) * bs * s * (2 * (d * b + 8) + groups * b)
     return total
 
 
@@ -207,7 +211,7 @@ def test_spilled_activations_give_the_same_result(llamas, monkeypatch, sharded):
     moved = []
     real = _placement._to_host
     monkeypatch.setattr(_placement, "_to_host", lambda x: (moved.append(x.shape), real(x))[1])
-    need = activation_bytes(model.config, tasks(), 8 if sharded else 4) // (8 if sharded else 1)
+    need = activation_bytes(model.config, tasks(), 4, 8 if sharded else 1) // (8 if sharded else 1)
     run = lambda budget: calibrate(decoder_adapter(model), params, tasks(), EPMQ,  # noqa: E731
                                    experts=lazy, mesh=mesh, activation_budget=budget)
     kept = run(need)                   # exactly the stated size: fits, nothing moved

@@ -17,6 +17,14 @@ For block k, in forward order:
    effective kernel written into the block;
 3. the calibrated block's outputs become block k+1's inputs.
 
+The block's forward pass is split at its groups' inputs (:mod:`epmq_jax.calib._segments`, from
+``run_block``'s jaxpr: no adapter change): group g's pass runs only the operations after group
+g − 1's input, from the values the earlier passes handed on, and step 3 only those after the
+last group's input, so every operation of the block runs once per block instead of once per
+group. Not under an ``activation_budget`` (the values handed on are not counted in it), with AWQ
+or E-PMQ-full, or where the split is unsafe or would hold too much: there the block runs whole
+for every group, as before.
+
 Nothing inside a block waits for the host: the per-layer scalar statistics (and the solver's
 failure flags) are fetched once per block, checked, and turned into JSON-able dicts. Model
 knowledge comes only from the adapter (:mod:`epmq_jax.calib.adapter`). The compiled functions
@@ -62,7 +70,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from epmq_jax.calib import awq
+from epmq_jax.calib import _segments, awq
 from epmq_jax.calib import full as full_mode
 from epmq_jax.calib import stats as st
 from epmq_jax.calib._placement import (
@@ -301,6 +309,16 @@ def _advance_all(adapter, kind, block_params, carry, layout=None):
     return per_device(run, layout, 1, 1)(block_params, carry)
 
 
+@functools.partial(jax.jit, static_argnames=("plan", "layout"))
+def _advance_segment(block_params, carry, residuals, plan, layout=None):
+    """Every batch through the last segment of ``plan`` (:mod:`epmq_jax.calib._segments`): the
+    block's output from the residuals its earlier segments handed on."""
+    def run(block_params, carry, residuals):
+        return jax.lax.map(lambda cr: plan.run(plan.n_groups, block_params, *cr)[0], (carry, residuals))
+
+    return per_device(run, layout, 1, 2)(block_params, carry, tuple(residuals))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("layout", "full"))
 def _expert_pass(adapter, kind, capture, expert_block, carry, layout=None, full=False):
     """A task's batches through its expert's block: ``(carry out, {path: input (n_batches, ...)})``
@@ -316,15 +334,17 @@ def _expert_pass(adapter, kind, capture, expert_block, carry, layout=None, full=
     return per_device(run, layout, 1, 1)(expert_block, carry)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("layout",),
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("layout", "seg"),
                    donate_argnums=(9,))
 def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_expert,
-                  expert_kernels, total, layout=None):
+                  expert_kernels, total, layout=None, seg=None, residuals=()):
     """One task's moments for the layers of a group, in one scan over its batches, added with
     the task's weight ω_t into the running total.
 
     Each batch runs through the block up to the group's input (the rest of the block is dead
-    code to XLA).
+    code to XLA): from the block's input, or, with ``seg = (plan, g)``
+    (:mod:`epmq_jax.calib._segments`), only segment g from the residuals the earlier segments
+    handed on (``residuals``: stacked over the batches, ``()`` for g = 0).
 
     Args:
       group: the group's kernel paths (static); objective: its switches (static, λ unused).
@@ -342,15 +362,24 @@ def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_
         flag per layer of the group).
 
     Returns:
-      ``({path: Moments} with this task added, ω_t)`` (H shared by the group).
+      ``({path: Moments} with this task added, ω_t, the residuals segment g hands on (stacked;
+      () without ``seg``))`` (H shared by the group).
     """
-    def local(block_params, expert_kernels, carry, mask, x_expert):
-        def batch(i):
-            _, caps = adapter.run_block(kind, block_params, jax.tree.map(lambda a: a[i], carry))
+    def local(block_params, expert_kernels, carry, mask, x_expert, residuals):
+        def capture(i):
+            c = jax.tree.map(lambda a: a[i], carry)
+            if seg is not None:
+                plan, g = seg
+                return plan.run(g, block_params, c, tuple(r[i] for r in residuals))
+            _, caps = adapter.run_block(kind, block_params, c)
             missing = [p for p in group if p not in caps]
             if missing:
                 raise ValueError(f"run_block captured no input for {missing} (captured: {sorted(caps)})")
-            x, w = _rows_weight(caps[group[0]], mask[i])
+            return caps[group[0]], ()
+
+        def batch(i):
+            cap, handed = capture(i)
+            x, w = _rows_weight(cap, mask[i])
             m = st.moments(x, None, w)
             out = {"h": m.h, "n": m.n, "abs": m.abs_sum, "b": {}, "yy": {}}
             if expert_kernels is not None:
@@ -359,15 +388,20 @@ def _task_moments(adapter, kind, group, objective, block_params, carry, mask, x_
                     y = jnp.matmul(xt.astype(jnp.float32), expert_kernels[p].astype(jnp.float32),
                                    precision=_HI)
                     out["b"][p], out["yy"][p] = st.cross_moments(x, y, w)
-            return out
+            return out, handed
 
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
-        return jax.lax.fori_loop(0, mask.shape[0], lambda i, a: jax.tree.map(jnp.add, a, batch(i)),
-                                 zero)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0)[0])
 
-    args = (block_params, expert_kernels, carry, mask, x_expert, total)
+        def step(acc, i):
+            out, handed = batch(i)
+            return jax.tree.map(jnp.add, acc, out), handed
+
+        return jax.lax.scan(step, zero, jnp.arange(mask.shape[0]))
+
+    args = (block_params, expert_kernels, carry, mask, x_expert, tuple(residuals), total)
     if layout is None:
-        return _fold(local(*args[:-1]), group, objective.task_weights, total, None)
+        acc, handed = local(*args[:-1])
+        return (*_fold(acc, group, objective.task_weights, total, None), handed)
     return _across_devices(local, group, objective.task_weights, layout,
                            expert_kernels is not None, total is not None)(*args)
 
@@ -386,13 +420,14 @@ def _fold(acc, group, weighting, total, h_sq):
 def _across_devices(local, group, weighting, layout, targets: bool, has_total: bool):
     """``local``'s per-device sums (over each device's samples) added across devices in a fixed
     order and folded into the total: a ``shard_map`` over ``(block, expert kernels, carry, mask,
-    x_expert, total)`` giving ``({path: Moments}, ω_t)`` with H whole (or split over rows) and B
-    split over columns where the axis divides d_out."""
+    x_expert, residuals, total)`` giving ``({path: Moments}, ω_t, residuals handed on)`` with H
+    whole (or split over rows), B split over columns where the axis divides d_out, and the
+    residuals split over samples as the carries are."""
     lay, h_rows, cols = layout
     axis, k = lay.axis, lay.size
 
-    def body(block_params, expert_kernels, carry, mask, x_expert, total):
-        acc = local(block_params, expert_kernels, carry, mask, x_expert)
+    def body(block_params, expert_kernels, carry, mask, x_expert, residuals, total):
+        acc, handed = local(block_params, expert_kernels, carry, mask, x_expert, residuals)
         rows = sum_rows(acc["h"], axis, k)      # this device's rows of H (zero-padded)
         out = {"h": rows if h_rows else gather_rows(rows, axis, acc["h"].shape[0]),
                "n": gather_sum(acc["n"], axis), "abs": gather_sum(acc["abs"], axis),
@@ -403,15 +438,15 @@ def _across_devices(local, group, weighting, layout, targets: bool, has_total: b
                 out["b"][p] = sum_scatter(b, axis, k, 1) if c else sum_replicated(b, axis, k)
                 out["yy"][p] = gather_sum(acc["yy"][p], axis)
         # ΣH² from the row blocks, the same whether H is then gathered or not
-        return _fold(out, group, weighting, total, gather_sum(jnp.sum(rows * rows), axis))
+        return (*_fold(out, group, weighting, total, gather_sum(jnp.sum(rows * rows), axis)), handed)
 
     split = P(None, axis)
     moments = {p: st.Moments(P(axis, None) if h_rows else P(),
                              (P(None, axis) if c else P()) if targets else None, P(), P(), P())
                for p, c in zip(group, cols)}
     return jax.shard_map(body, mesh=lay.mesh,
-                         in_specs=(P(), P(), split, split, split, moments if has_total else None),
-                         out_specs=(moments, P()), check_vma=False)
+                         in_specs=(P(), P(), split, split, split, split, moments if has_total else None),
+                         out_specs=(moments, P(), split), check_vma=False)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -668,6 +703,12 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
                 e_carry[t], x_expert[t] = _expert_pass(adapter, kind, capture, expert_blocks[t],
                                                        e_carry[t], layout=layout, full=full is not None)
         block, pending = merged_block, []
+        plans = residuals = None     # run_block split at the groups' inputs: each op once per block
+        if full is None and config.rounder != "awq" and activation_budget is None and k >= done:
+            plans = [_segments.plan(adapter, kind, groups, merged_block, _batch_abstract(q_carry, t, layout))
+                     for t in range(T)]     # one per shape (cached): tasks may differ in length
+            plans = None if None in plans else plans
+            residuals = [() for _ in range(T)]
         if full is not None:         # E-PMQ-full: norms and groups of the block (full.calibrate_block)
             weighted = full.tokens and k >= len(blocks) - full.token_reach
             if k < done:
@@ -701,12 +742,17 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
             block, layers = _calibrate_group(
                 adapter, kind, group, block, merged_block, expert_blocks, q_carry,
                 x_expert.column(group[0]), masks, config, mesh, axis, where,
-                h_rows_from=h_rows_from)
+                h_rows_from=h_rows_from, seg=None if plans is None else (plans, gi), residuals=residuals)
             pending += [(gi, *layer) for layer in layers]
         del x_expert, expert_blocks
         out_block = merged_block if config.propagate_float else block
         for t in range(T):
-            q_carry[t] = _advance_all(adapter, kind, out_block, q_carry[t], layout=layout)
+            if plans is not None and groups and not config.propagate_float:
+                q_carry[t] = _advance_segment(block, q_carry[t], residuals[t], plan=plans[t], layout=layout)
+                residuals[t] = ()
+            else:
+                q_carry[t] = _advance_all(adapter, kind, out_block, q_carry[t], layout=layout)
+        del residuals
         if pending:
             stats += (full_mode.finish_block(pending, k, config, bpath, kernels, weighted) if full is not None
                       else _finish_block(pending, k, config, bpath, kernels, n_tasks))
@@ -726,6 +772,13 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
     for path, q in kernels.items():
         out_params = set_path(out_params, key_path(path), q)
     return CalibResult(out_params, stats)
+
+
+def _batch_abstract(carries: Stash, t: int, layout: Layout | None) -> PyTree:
+    """One batch of task t's stored carries (one device's share on a mesh), as ``ShapeDtypeStruct`` s."""
+    k = 1 if layout is None else layout.size
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[1] // k, *a.shape[2:]), a.dtype),
+                        carries.abstract(t))
 
 
 def _norm_paths(adapter, kind, full) -> tuple[str, ...]:
@@ -829,11 +882,14 @@ def _rtn_only(adapter, params, blocks, config: CalibConfig, on_block) -> CalibRe
 
 
 def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q_carry, x_expert,
-                     masks, config: CalibConfig, mesh, axis, where, h_rows_from=None):
+                     masks, config: CalibConfig, mesh, axis, where, h_rows_from=None, seg=None,
+                     residuals=None):
     """Statistics, solve and rounding for one group of layers, all dispatched without waiting.
 
     Tasks are processed one after the other (each task's batches in one compiled scan), so the
-    statistics hold two accumulators whatever the number of tasks.
+    statistics hold two accumulators whatever the number of tasks. With ``seg = (plans, g)`` each
+    task's batches run only segment g of the block (``plans[t]``, :mod:`epmq_jax.calib._segments`)
+    from ``residuals[t]``, which is replaced by the residuals segment g hands on.
 
     Returns:
       ``(updated block, [(rel, q, (d_in, d_in), raw stats, n_rows, [ω_t])])``; the raw statistics
@@ -856,8 +912,12 @@ def _calibrate_group(adapter, kind, group, block, merged_block, expert_blocks, q
         e_kern = None
         if obj.needs_targets:
             e_kern = {p: _kernel(expert_blocks[t], p, f"experts[{t}]/{where}") for p in group}
-        total, omega = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
-                                     x_expert[t], e_kern, total, layout=layout)
+        total, omega, handed = _task_moments(adapter, kind, group, static_obj, block, q_carry[t], masks[t],
+                                             x_expert[t], e_kern, total, layout=layout,
+                                             seg=None if seg is None else (seg[0][t], seg[1]),
+                                             residuals=() if seg is None else residuals[t])
+        if seg is not None:
+            residuals[t] = handed
         omegas.append(omega)
     columns = None if mesh is None else (mesh, axis)
     results = []
