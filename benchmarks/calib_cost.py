@@ -21,10 +21,12 @@ minimum over the rounds. Per block it prints:
 - ``floor s`` (steady-state table): the least arithmetic a block's statistics need, timed alone
   as one compiled function on all T x images inputs at once (:func:`stats_floor`): one forward
   of the merged block and the Gram matrix of each group's input; for E-PMQ also each task's
-  expert block, the targets X_t W_t of the six layers and the cross moments X̃_tᵀY_t. No
-  driver can do a block in less than ``solvers + floor``; ``floor ratio`` = that / solvers is
-  the best ``ratio`` any driver could print on this machine (a Gram matrix computed for its
-  lower half only would save at most half of its share);
+  expert block, the targets X_t W_t of the six layers and the cross moments X̃_tᵀY_t (the
+  tasks one after the other, ``lax.map``). ``floor ratio`` = (solvers + floor) / solvers: the
+  ``ratio`` of a driver that did nothing but this arithmetic, one program after the other. It
+  is a measure of the work, not a strict bound: a driver whose programs overlap on the cores
+  (asynchronous dispatch) can go below it, as E-PMQ's does since its passes were split (a Gram
+  matrix computed for its lower half only would save at most half of its share);
 - ``compiles``: XLA compilations during the block in the first round (0 after block 0 means
   compilation is paid once per distinct shape);
 - ``peak MB``: peak resident memory of the process during the block (``VmHWM``, reset before
