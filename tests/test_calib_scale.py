@@ -214,11 +214,22 @@ def test_spilled_activations_give_the_same_result(llamas, monkeypatch, sharded):
     need = activation_bytes(model.config, tasks(), 4, 8 if sharded else 1) // (8 if sharded else 1)
     run = lambda budget: calibrate(decoder_adapter(model), params, tasks(), EPMQ,  # noqa: E731
                                    experts=lazy, mesh=mesh, activation_budget=budget)
-    kept = run(need)                   # exactly the stated size: fits, nothing moved
-    assert moved == []
+    split = []                         # blocks run split at their groups' inputs (calib._segments)
+    real_advance = driver._advance_segment
+    monkeypatch.setattr(driver, "_advance_segment", lambda *a, **k: (split.append(1), real_advance(*a, **k))[1])
+    kept = run(need)                   # exactly the stated size: fits, nothing moved, and no
+    assert moved == [] and split == []   # room for the values the split passes hand on
     spilled = run(need - 1)
-    assert len(moved) > 0
+    assert len(moved) > 0 and split == []
     assert_same(spilled, kept)
+    n_moved = len(moved)
+    roomy = run(2 * need)              # room for them too: split, nothing moved, the same layers
+    assert len(moved) == n_moved and len(split) == 2 * 2      # 2 blocks x 2 tasks
+    flat_kept, flat_roomy = flat(kept.params), flat(roomy.params)
+    for a, b in zip(kept.stats, roomy.stats, strict=True):
+        assert b["obj_relaxed"] == pytest.approx(a["obj_relaxed"], rel=1e-4), a["path"]
+        assert b["obj_rounded"] == pytest.approx(a["obj_rounded"], rel=0.1), a["path"]
+    assert flat_kept.keys() == flat_roomy.keys()
 
 
 # ----------------------------------------------------------------------------- the mesh

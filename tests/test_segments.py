@@ -131,3 +131,22 @@ def test_driver_calibrates_the_same_with_and_without_the_split(objective, monkey
     q_whole = calibrate(vit_adapter(model), merged, pixels, cfg, experts=experts if objective == "epmq" else None)
     for a, b in zip(q_split.stats, q_whole.stats, strict=True):
         assert a["obj_rounded"] == pytest.approx(b["obj_rounded"], rel=0.05), a["path"]
+
+
+def test_without_a_budget_the_split_is_held_to_a_size(monkeypatch):
+    # the handed-on values of all tasks must fit in max(2 GiB, 3x the carries) per device; with
+    # both limits at 0 the driver runs every block whole, and calibrates the same
+    from epmq_jax.calib import driver
+
+    merged, experts, inputs = _problem()
+    cfg = CalibConfig(objective=Objective(kind="epmq", lam=0.5), rounding="none", damp=0.0, batch_size=4)
+    real, split = driver._advance_segment, []
+    monkeypatch.setattr(driver, "_advance_segment", lambda *a, **k: (split.append(1), real(*a, **k))[1])
+    a = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts)
+    assert len(split) == 2 * 3                                   # 2 blocks x 3 tasks
+    monkeypatch.setattr(driver, "_UNBUDGETED_SPLIT_BYTES", 0)
+    monkeypatch.setattr(driver, "_UNBUDGETED_SPLIT_CARRIES", 0)
+    b = calibrate(ToyAdapter(), merged, inputs, cfg, experts=experts)
+    assert len(split) == 2 * 3
+    for x, y in zip(a.stats, b.stats, strict=True):
+        assert y["obj_relaxed"] == pytest.approx(x["obj_relaxed"], rel=1e-4), x["path"]

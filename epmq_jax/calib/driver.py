@@ -21,8 +21,9 @@ The block's forward pass is split at its groups' inputs (:mod:`epmq_jax.calib._s
 ``run_block``'s jaxpr: no adapter change): group g's pass runs only the operations after group
 g − 1's input, from the values the earlier passes handed on, and step 3 only those after the
 last group's input, so every operation of the block runs once per block instead of once per
-group. Not under an ``activation_budget`` (the values handed on are not counted in it), with AWQ
-or E-PMQ-full, or where the split is unsafe or would hold too much: there the block runs whole
+group. Not with AWQ or E-PMQ-full, where the split is unsafe or would hold too much, nor where
+the values handed on would not fit in the ``activation_budget`` beside the activations (without
+a budget: 2 GiB per device or 3x the carries, whichever is larger): there the block runs whole
 for every group, as before.
 
 Nothing inside a block waits for the host: the per-layer scalar statistics (and the solver's
@@ -694,8 +695,17 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
         capture = tuple(g[0] for g in groups)   # also when replaying: the same program
         if full is not None:
             capture += _norm_paths(adapter, kind, full)
+        plans = None                 # run_block split at the groups' inputs: each op once per block
+        if full is None and config.rounder != "awq" and k >= done:
+            plans = [_segments.plan(adapter, kind, groups, merged_block, _batch_abstract(q_carry, t, layout))
+                     for t in range(T)]     # one per shape (cached): tasks may differ in length
+            plans = None if None in plans else plans
         spill = _over_budget(activation_budget, layout, q_carry, e_carry, adapter, kind, capture,
                              expert_blocks, full is not None)
+        if plans is not None and (spill or _split_too_big(
+                activation_budget, plans, layout, q_carry, e_carry, adapter, kind, capture, expert_blocks)):
+            plans = None             # the residuals would not fit beside the activations: whole blocks
+        residuals = None if plans is None else [() for _ in range(T)]
         q_carry.spill = x_expert.spill = spill
         if e_carry is not None:      # one pass per task through its expert's block
             e_carry.spill = spill    # (also when replaying: the same program)
@@ -703,12 +713,6 @@ def _calibrate(adapter, params, task_inputs, config, *, experts, mesh, axis, che
                 e_carry[t], x_expert[t] = _expert_pass(adapter, kind, capture, expert_blocks[t],
                                                        e_carry[t], layout=layout, full=full is not None)
         block, pending = merged_block, []
-        plans = residuals = None     # run_block split at the groups' inputs: each op once per block
-        if full is None and config.rounder != "awq" and activation_budget is None and k >= done:
-            plans = [_segments.plan(adapter, kind, groups, merged_block, _batch_abstract(q_carry, t, layout))
-                     for t in range(T)]     # one per shape (cached): tasks may differ in length
-            plans = None if None in plans else plans
-            residuals = [() for _ in range(T)]
         if full is not None:         # E-PMQ-full: norms and groups of the block (full.calibrate_block)
             weighted = full.tokens and k >= len(blocks) - full.token_reach
             if k < done:
@@ -816,13 +820,33 @@ def _full_leaves(adapter, kind, params, base, experts, carries, masks, config: C
     return out, stats
 
 
+# Without an activation_budget a block splits only while the values its passes hand on stay
+# within this many bytes per device or this many times the carries, whichever is larger
+_UNBUDGETED_SPLIT_BYTES = 2 << 30
+_UNBUDGETED_SPLIT_CARRIES = 3
+
+
+def _split_too_big(budget, plans, layout, q_carry: Stash, e_carry: Stash | None, *args) -> bool:
+    """Whether the values the split block passes hand on (all tasks) do not fit: beside the
+    activations in ``budget`` (bytes per device), or without a budget in
+    :data:`_UNBUDGETED_SPLIT_BYTES` or :data:`_UNBUDGETED_SPLIT_CARRIES` times the carries,
+    whichever is larger)."""
+    k = 1 if layout is None else layout.size
+    handed = sum(p.residual_bytes * jax.tree.leaves(q_carry.abstract(t))[0].shape[0] * k
+                 for t, p in enumerate(plans))
+    if budget is None:
+        carries = q_carry.nbytes() + (0 if e_carry is None else e_carry.nbytes())
+        return handed > max(_UNBUDGETED_SPLIT_BYTES * k, _UNBUDGETED_SPLIT_CARRIES * carries)
+    return _over_budget(budget, layout, q_carry, e_carry, *args, False, extra=handed)
+
+
 def _over_budget(budget, layout, q_carry: Stash, e_carry: Stash | None, adapter, kind, capture,
-                 expert_blocks, full: bool) -> bool:
-    """Whether this block's activations (carries of both paths, expert-side group inputs) exceed
-    ``budget`` bytes per device (the mesh axis splits them evenly)."""
+                 expert_blocks, full: bool, extra: int = 0) -> bool:
+    """Whether this block's activations (carries of both paths, expert-side group inputs, and
+    ``extra`` bytes) exceed ``budget`` bytes per device (the mesh axis splits them evenly)."""
     if budget is None:
         return False
-    need = q_carry.nbytes()
+    need = q_carry.nbytes() + extra
     if e_carry is not None:
         need += e_carry.nbytes()
         for t in range(len(e_carry)):     # shapes only: nothing is computed or moved
