@@ -130,7 +130,7 @@ def test_driver_calibrates_the_same_with_and_without_the_split(objective, monkey
     monkeypatch.setattr(_segments, "plan", lambda *a: None)
     q_whole = calibrate(vit_adapter(model), merged, pixels, cfg, experts=experts if objective == "epmq" else None)
     for a, b in zip(q_split.stats, q_whole.stats, strict=True):
-        assert a["obj_rounded"] == pytest.approx(b["obj_rounded"], rel=0.05), a["path"]
+        assert a["obj_rounded"] == pytest.approx(b["obj_rounded"], rel=0.1), a["path"]   # as test_driver's mesh test
 
 
 def test_without_a_budget_the_split_is_held_to_a_size(monkeypatch):
