@@ -341,6 +341,30 @@ def test_python_lists_work_and_spec_none_is_fine_unrounded():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["gptq", "epmq"])
+def test_reported_rounded_objective_with_dead_input_and_damping_is_float64(objective):
+    """GPTQ rounding reports L(Q) from its own rounding errors (no matmul): with a dead input
+    (the solve's H fixes its diagonal, the report's H has 0 there) and a damping of 5%, it is
+    still L(Q) of the returned kernel for the undamped objective, computed in float64."""
+    wm, ws, xs, xts = _problem(seed=23, d_in=32, n=40)
+    for x, xt in zip(xs, xts):
+        x[:, 7] = 0.0
+        xt[:, 7] = 0.0
+    obj = Objective(kind=objective, lam=0.1)
+    tasks = [[(x, jnp.asarray(xt) @ w)] for x, xt, w in zip(xs, xts, ws)]
+    m, _ = accumulate(tasks, obj.task_weights)
+    q, st = solve_layer(obj, m, wm, SPEC, rounding="gptq", damp=0.05)
+    deq = np.asarray(q.dequantize(), np.float64)
+    if objective == "gptq":
+        h = sum(np.asarray(x, np.float64).T @ np.asarray(x, np.float64) for x in xs)
+        want = float(np.sum((deq - wm) * (h @ (deq - wm))))
+    else:
+        h, b, c = _objective64(wm, ws, xs, xts, 0.1, "output", obj.task_weights)
+        want = float(np.sum(deq * (h @ deq)) - 2 * np.sum(deq * b) + c)
+    assert st["n_dead"] == 1 and st["damp"] in (None, pytest.approx(0.05))
+    assert st["obj_rounded"] == pytest.approx(want, rel=1e-4)
+
+
 def test_gptq_rounding_reuses_the_solves_factorisation():
     """E-PMQ + GPTQ factors H once when GPTQ's δ is the solve's (twice when it is not), and the
     rounded objective is the same either way (with a dead input, whose diagonal the two

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from epmq_jax.parallel import make_mesh, shard_columns
-from epmq_jax.quant import QuantSpec, gptq, rtn
+from epmq_jax.quant import QuantSpec, damped_factor, gptq, rtn
 
 # ---------------------------------------------------------------- NumPy reference (float64)
 
@@ -170,6 +170,34 @@ def test_gptq_beats_rtn_in_output_error_not_weight_error():
 def test_objective_is_undamped_trace():
     w, h = correlated_problem(2, 64, 16)
     qw, info = gptq(w, h, QuantSpec(bits=4, group_size=32), damp=0.1, return_info=True)
+    np.testing.assert_allclose(float(info.objective), objective(qw.dequantize(), w, h), rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [
+    dict(n=None, dead=(), act_order=False, group_size=32, damp=0.01),
+    dict(n=48, dead=(5, 70), act_order=True, group_size=32, damp=0.01),      # singular H + dead rows
+    dict(n=None, dead=(3,), act_order=False, group_size=-1, damp=0.3),         # a large damping share
+    dict(n=60, dead=(), act_order=False, group_size=64, damp=0.0),
+], ids=["full-rank", "rank-48-dead-act-order", "damp-0.3", "rank-60-undamped"])
+def test_objective_from_rounding_errors_is_the_float64_trace(case):
+    """GPTQInfo.objective comes from GPTQ's own rounding errors (no matmul): it must be the
+    undamped tr(ΔᵀHΔ) of the returned kernel, computed here in float64, to float32 accuracy."""
+    w, h = correlated_problem(11, 192, 40, n=case["n"], dead=case["dead"])
+    if case["damp"] == 0.0:
+        h = h + 1e-3 * np.mean(np.diag(h)) * np.eye(192, dtype=np.float32)   # factorable undamped
+    qw, info = gptq(w, h, QuantSpec(bits=3, group_size=case["group_size"]), damp=case["damp"],
+                    act_order=case["act_order"], block_size=64, return_info=True)
+    np.testing.assert_allclose(float(info.objective), objective(qw.dequantize(), w, h), rtol=1e-4)
+
+
+def test_objective_with_the_callers_factor_is_the_undamped_trace():
+    """With ``factor`` (a solve's R Rᵀ = H + δ·ridge, ridge 0 on some rows) the objective is
+    still tr(ΔᵀHΔ) for the H passed, whatever the factor's own diagonal."""
+    w, h = correlated_problem(12, 128, 24, n=64)
+    ridge = np.where(np.arange(128) % 5 == 0, 0.0, np.mean(np.diag(h))).astype(np.float32)
+    factor = damped_factor(jnp.asarray(h), jnp.float32(0.05), jnp.asarray(ridge))
+    qw, info = gptq(w, h, QuantSpec(bits=4, group_size=32), damp=0.05, factor=factor,
+                    return_info=True)
     np.testing.assert_allclose(float(info.objective), objective(qw.dequantize(), w, h), rtol=1e-4)
 
 

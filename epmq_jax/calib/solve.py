@@ -47,6 +47,7 @@ from epmq_jax.calib._placement import fixed_total
 from epmq_jax.calib.objectives import Objective, system_and_merged, value_from_product
 from epmq_jax.calib.stats import Moments
 from epmq_jax.quant import QuantSpec, damped_factor, gptq, rtn
+from epmq_jax.quant._gptq import gptq_with_columns
 
 Rounding = Literal["gptq", "rtn", "awq", "none"]
 ROUNDINGS = ("gptq", "rtn", "awq", "none")
@@ -211,9 +212,7 @@ def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center
     w_m = w_merged.astype(jnp.float32)
     if objective.kind == "gptq":   # B = H W_m: W* = W_m, L(W_m) = L(W*) = 0, no solve
         zero = jnp.zeros((), jnp.float32)
-        info = {"damp": jnp.float32(jnp.nan), "cond": jnp.float32(jnp.nan), "ok": jnp.array(True),
-                "n_dead": jnp.sum(jnp.diag(m.h) == 0).astype(jnp.int32)}
-        return w_m, m.h, m.h, None, zero, zero, None, info
+        return w_m, m.h, m.h, None, zero, zero, None, _merge_info(m.h)
     total = fixed_total(columns)
     system, hwm = system_and_merged(objective, m, w_m, lam, total=total)
     w_star, hw_star, h_round, factor, info = _solve(system.h, system.b, w_m, damp, damp_center, columns)
@@ -222,23 +221,44 @@ def _relax(lam, m: Moments, w_merged, damp, *, objective: Objective, damp_center
             value_from_product(system, w_star, hw_star, total=total), factor, info)
 
 
+@jax.jit
+def _merge_info(h):
+    """The solve's statistics for the ``gptq`` objective (no solve: W* = W_m)."""
+    return {"damp": jnp.float32(jnp.nan), "cond": jnp.float32(jnp.nan), "ok": jnp.array(True),
+            "n_dead": jnp.sum(jnp.diag(h) == 0).astype(jnp.int32)}
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "rounding", "options", "dtype"))
 def _round(w_star, h_round, damp, factor=None, *, spec, rounding: str, options: tuple, dtype: str):
     """The rounder, compiled once per (shape, spec, rounder) whatever the objective (and once
-    more for GPTQ given the solve's factor)."""
-    q, info = round_weight(w_star, h_round, spec, rounding, damp=damp, factor=factor, **dict(options))
-    q = _in_dtype(q, dtype)
-    return q, effective_kernel(q), info
+    more for GPTQ given the solve's factor). Returns ``(q, effective kernel, info, per-column
+    tr(ΔᵀH_roundΔ) or None)``: GPTQ has that objective from its own rounding errors
+    (:func:`epmq_jax.quant.gptq`'s ``GPTQInfo.objective``), for a float32 kernel (a bf16 one
+    is stored with an extra rounding that only the matmul in :func:`_report` sees)."""
+    if rounding != "gptq" or np.dtype(dtype) != np.float32:
+        q, info = round_weight(w_star, h_round, spec, rounding, damp=damp, factor=factor, **dict(options))
+        q = _in_dtype(q, dtype)
+        return q, effective_kernel(q), info, None
+    check_spec(spec, rounding)
+    q, ginfo, cols = gptq_with_columns(w_star, h_round, spec, damp=damp, factor=factor, **dict(options))
+    return q, q.dequantize(), {"gptq_damp": ginfo.damp_used, "gptq_ok": ginfo.cholesky_ok}, cols
 
 
 @functools.partial(jax.jit, static_argnames="columns")
-def _report(h, w_merged, w_star, eff, resid, obj_relaxed, *, columns=None):
-    """rel_dist and L(Q) = L(W*) + tr(ΔᵀHΔ) + 2tr(Δᵀ(HW* − B)), Δ = Q − W*: one matmul.
-    Sums over split columns are added in a fixed order (:func:`fixed_total`)."""
+def _report(h, w_merged, w_star, eff, resid, obj_relaxed, rounded=None, h_round=None, *, columns=None):
+    """rel_dist and L(Q) = L(W*) + tr(ΔᵀHΔ) + 2tr(Δᵀ(HW* − B)), Δ = Q − W*: one matmul, or
+    none when the rounder gives tr(ΔᵀH_roundΔ) per column (``rounded``; ``h_round`` differs
+    from H only on its diagonal, at dead inputs). Sums over split columns are added in a fixed
+    order (:func:`fixed_total`)."""
     total = fixed_total(columns)
     w_m = w_merged.astype(jnp.float32)
     delta = eff.astype(jnp.float32) - w_star
-    obj = obj_relaxed + total(delta * jnp.matmul(h, delta, precision=_HI))
+    if rounded is None:
+        quad = total(delta * jnp.matmul(h, delta, precision=_HI))
+    else:
+        extra = (jnp.diag(h_round) - jnp.diag(h))[:, None]
+        quad = total(rounded[None, :] - jnp.sum(extra * delta * delta, axis=0, keepdims=True))
+    obj = obj_relaxed + quad
     if resid is not None:
         obj = obj + 2.0 * total(delta * resid)
     norm = lambda x: jnp.sqrt(total(x * x))   # noqa: E731
@@ -255,21 +275,33 @@ def layer_step(objective: Objective, m: Moments, w_merged: jax.Array, spec, *,
     channels where it lies (``B`` and W_m split over ``axis``).
 
     GPTQ rounding with the solve's δ (``gptq_damp`` None or equal, no ``act_order``) reuses the
-    solve's factorisation of H instead of factoring it again.
+    solve's factorisation of H instead of factoring it again, and its objective comes from
+    GPTQ's own rounding errors (no ``d_in² x d_out`` matmul for the report). The ``gptq``
+    objective (W* = W_m) runs no solve program at all.
 
     Returns:
       ``(q, effective kernel in W_m's dtype, {name: device scalar})``: pass the (fetched)
       statistics to :func:`finish_stats`.
     """
-    w_star, h, h_round, resid, obj_merged, obj_relaxed, factor, info = _relax(
-        jnp.float32(objective.lam), m, w_merged, jnp.float32(damp),
-        objective=dataclasses.replace(objective, lam=0.0), damp_center=damp_center, columns=columns)
+    if objective.kind == "gptq":      # W* = W_m, H = H_d, L(W_m) = L(W*) = 0: nothing to solve
+        w_star = w_merged.astype(jnp.float32)
+        h = h_round = m.h
+        resid = factor = None
+        obj_merged = obj_relaxed = jnp.zeros((), jnp.float32)
+        info = _merge_info(m.h)
+    else:
+        w_star, h, h_round, resid, obj_merged, obj_relaxed, factor, info = _relax(
+            jnp.float32(objective.lam), m, w_merged, jnp.float32(damp),
+            objective=dataclasses.replace(objective, lam=0.0), damp_center=damp_center,
+            columns=columns)
     shared = (rounding == "gptq" and not options.get("act_order", False)
               and (gptq_damp is None or gptq_damp == damp))
-    q, eff, rinfo = _round(w_star, h_round, jnp.float32(damp if gptq_damp is None else gptq_damp),
-                           factor if shared else None, spec=spec, rounding=rounding,
-                           options=tuple(sorted(options.items())), dtype=np.dtype(w_merged.dtype).name)
-    stats = {**_report(h, w_merged, w_star, eff, resid, obj_relaxed, columns=columns),
+    q, eff, rinfo, rounded = _round(w_star, h_round, jnp.float32(damp if gptq_damp is None else gptq_damp),
+                                    factor if shared else None, spec=spec, rounding=rounding,
+                                    options=tuple(sorted(options.items())),
+                                    dtype=np.dtype(w_merged.dtype).name)
+    stats = {**_report(h, w_merged, w_star, eff, resid, obj_relaxed, rounded,
+                       None if rounded is None else h_round, columns=columns),
              "obj_merged": obj_merged,
              "obj_relaxed": obj_relaxed, **info, **rinfo}
     return q, eff, stats

@@ -84,8 +84,10 @@ class GPTQInfo(NamedTuple):
     Attributes:
       damp_used: the relative damping actually used (``damp`` unless the Cholesky failed).
       objective: the rounding objective ``tr(ΔᵀHΔ)``, ``Δ = dequantize(Q) - W``, with the
-        undamped ``H`` as given (computed only when info is requested: it costs a
-        ``d_in x d_in x d_out`` matmul).
+        undamped ``H`` as given: from the rounding errors GPTQ has anyway (with the damped
+        factor ``R Rᵀ``, ``tr(ΔᵀRRᵀΔ) = Σ_j R_jj² ‖e_j‖²``, ``e_j`` = row ``j`` as rounded minus
+        its rounded value), less the damping's ``Σ_i δ_i ‖Δ_i‖²``; no ``d_in² x d_out`` matmul.
+        Equal to the direct trace up to float rounding (the tests hold it to 1e-4 relative).
       cholesky_ok: False if even the largest damping tried left ``H`` non-factorable.
       n_dead: number of dead inputs (``H_ii == 0``).
     """
@@ -190,15 +192,20 @@ def _round_rows(x, w0, s, z, c, maxq):
     return q, d
 
 
-def _round_block(xb, wb, sb, zb, stb, maxq):
+def _round_block(xb, wb, sb, zb, stb, rwb, maxq, with_loss: bool = True):
     """Rounds one block of ``bs`` rows, tile by tile.
 
     ``xb`` (bs, m): the rows with every earlier block's correction; ``wb``: the original
     rows; ``sb``, ``zb``: each row's scales and zeros; ``stb`` (bs, bs): the block's diagonal
-    window of ``S``.
+    window of ``S``; ``rwb`` (bs,): each row's ``R_jj²`` (0 for padding rows); ``with_loss``
+    False: the loss is not computed (zeros).
 
     Returns:
-      ``(q, d)``, each (bs, m), as :func:`_round_rows`.
+      ``(q, d, loss)``: ``q``, ``d`` each (bs, m), as :func:`_round_rows`, and per column
+      ``Σ_j R_jj² e_j²`` over the block's rows (m,), ``e_j`` = the row as it was rounded minus
+      its rounded value (the reference's ``Losses`` times 2). A tile's ``e`` is its rows'
+      corrections from earlier tiles plus ``C d`` (``C`` its unit lower window of ``S``): a
+      (b, b) by (b, m) product, nothing inside the row loop.
     """
     bs = xb.shape[0]
     b = _TILE
@@ -206,18 +213,22 @@ def _round_block(xb, wb, sb, zb, stb, maxq):
         b //= 2
 
     def tile(t, carry):
-        qb, db = carry
+        qb, db, loss = carry
         o = t * b
         rows = functools.partial(lax.dynamic_slice_in_dim, start_index=o, slice_size=b, axis=0)
         st = rows(stb)                                                     # (b, bs)
         xt = rows(xb) + jnp.dot(st, db, precision=_HI)                     # unfinished rows of db are 0
-        q, d = _round_rows(xt, rows(wb), rows(sb), rows(zb),
-                           lax.dynamic_slice_in_dim(st, o, b, 1), maxq)
+        wt = rows(wb)
+        c = lax.dynamic_slice_in_dim(st, o, b, 1)
+        q, d = _round_rows(xt, wt, rows(sb), rows(zb), c, maxq)
+        if with_loss:
+            e = xt - wt + jnp.dot(c, d, precision=_HI)
+            loss = loss + jnp.sum(rows(rwb)[:, None] * (e * e), axis=0)
         return (lax.dynamic_update_slice_in_dim(qb, q, o, 0),
-                lax.dynamic_update_slice_in_dim(db, d, o, 0))
+                lax.dynamic_update_slice_in_dim(db, d, o, 0), loss)
 
     zeros = jnp.zeros_like(xb)
-    return lax.fori_loop(0, bs // b, tile, (zeros, zeros))
+    return lax.fori_loop(0, bs // b, tile, (zeros, zeros, jnp.zeros(xb.shape[1], xb.dtype)))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups",
@@ -270,11 +281,13 @@ def _gptq(w, hessian, damp, factor=None, *, spec: QuantSpec, block_size: int, ac
     win = max([bs] + [s[-1] + g - k * bs for k, s in enumerate(starts) if s])
     n_pad = (n_blocks - 1) * bs + win
     st = (r / jnp.diag(r)[None, :]).T               # S: unit lower triangular
+    rw = jnp.diag(r) ** 2                           # R_jj²: each row's weight in the loss
     wp = wd
     if n_pad > n:
         pad = n_pad - n
         st = jnp.pad(st, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_pad) >= n).astype(ct)
         wp = jnp.pad(wd, ((0, pad), (0, 0)))
+        rw = jnp.pad(rw, (0, pad))
         col_group = jnp.pad(col_group, (0, pad), mode="edge")
     if dynamic:   # inverses of S's diagonal windows: the reference's view of the block
         idx = (jnp.arange(n_blocks) * bs)[:, None] + jnp.arange(win)[None, :]
@@ -283,7 +296,7 @@ def _gptq(w, hessian, damp, factor=None, *, spec: QuantSpec, block_size: int, ac
             st[idx[:, :, None], idx[:, None, :]], eye, lower=True, unit_diagonal=True)
 
     def block(k, carry, k_rows):
-        d, codes, scales, zeros = carry
+        d, codes, scales, zeros, loss = carry
         i1 = k * bs
         ww = lax.dynamic_slice_in_dim(wp, i1, win, 0)
         corr = jnp.zeros_like(ww)
@@ -301,29 +314,34 @@ def _gptq(w, hessian, damp, factor=None, *, spec: QuantSpec, block_size: int, ac
                 scales = scales.at[jj].set(jnp.where(valid, s, scales[jj]))
                 zeros = zeros.at[jj].set(jnp.where(valid, z, zeros[jj]))
         cg = lax.dynamic_slice_in_dim(col_group, i1, bs)
-        q, db = _round_block((ww + corr)[:bs], ww[:bs], scales[cg], zeros[cg],
-                             lax.dynamic_slice(st, (i1, i1), (bs, bs)), maxq)
+        q, db, lb = _round_block((ww + corr)[:bs], ww[:bs], scales[cg], zeros[cg],
+                                 lax.dynamic_slice(st, (i1, i1), (bs, bs)),
+                                 lax.dynamic_slice_in_dim(rw, i1, bs), maxq, with_objective)
         codes = lax.dynamic_update_slice_in_dim(codes, q.astype(jnp.uint8), i1, 0)
         d = lax.dynamic_update_slice_in_dim(d, db, i1, 0)
-        return d, codes, scales, zeros
+        return d, codes, scales, zeros, loss + lb
 
-    carry = (jnp.zeros((n_pad, m), ct), jnp.zeros((n_pad, m), jnp.uint8), scales, zeros)
+    carry = (jnp.zeros((n_pad, m), ct), jnp.zeros((n_pad, m), jnp.uint8), scales, zeros,
+             jnp.zeros(m, ct))
     n_seg = min(_SEGMENTS, max(1, n_blocks // 3))
     bounds = [round(p * n_blocks / n_seg) for p in range(n_seg + 1)]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         carry = lax.fori_loop(lo, hi, functools.partial(block, k_rows=(hi - 1) * bs), carry)
-    _, codes, scales, zeros = carry
+    d, codes, scales, zeros, loss = carry
     codes = codes[:n]
     if act_order:
         codes = codes[jnp.argsort(perm)]
 
     if with_objective:
-        delta = scales[g_idx] * (codes.astype(ct) - zeros[g_idx]) - w0
-        objective = jnp.sum(delta * jnp.dot(h0, delta, precision=_HI))
+        # tr(dᵀ R Rᵀ d) = Σ_j R_jj² ‖e_j‖² (d = W − Q = Uᵀ·err, U = R⁻¹: the reference's
+        # Losses), less the diagonal R Rᵀ adds to H (the damping; 1 on dead rows, whose
+        # off-diagonal H is zero): tr(ΔᵀHΔ) for the undamped H without a d_in² x d_out matmul
+        added = jnp.sum(r * r, axis=1) - diag[perm]
+        columns = loss - jnp.sum(added[:, None] * (d[:n] * d[:n]), axis=0)     # (m,)
     else:
-        objective = jnp.asarray(jnp.nan, ct)
+        columns = jnp.full(m, jnp.nan, ct)
     qw = QuantizedWeight.from_codes(codes, scales, zeros, g_idx, spec, dtype=w.dtype)
-    return qw, GPTQInfo(damp_used, objective, chol_ok, jnp.sum(dead))
+    return qw, GPTQInfo(damp_used, jnp.sum(columns), chol_ok, jnp.sum(dead)), columns
 
 
 def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.01,
@@ -360,6 +378,41 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.0
         calibrate on), or a Hessian that no damping tried makes factorable (the value checks
         need concrete arrays, i.e. they are skipped under an outer ``jit``).
     """
+    _check_args(w, hessian, spec, damp, block_size, act_order, factor)
+    qw, info, _ = _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32), factor,
+                        spec=spec, block_size=block_size, act_order=act_order,
+                        static_groups=static_groups, with_objective=return_info)
+    if is_concrete(info.cholesky_ok):
+        if not bool(info.cholesky_ok):
+            raise ValueError(
+                f"hessian of shape {tuple(hessian.shape)} is not positive definite even with "
+                f"damping {float(info.damp_used):g} x mean(diag H)")
+        used, asked = float(info.damp_used), float(damp)
+        if used > 10 * asked * (1 + 1e-4):     # the retries step by exactly 10x
+            warnings.warn(
+                f"gptq: the hessian of shape {tuple(hessian.shape)} did not factor with damping "
+                f"{asked:g} x mean(diag H); it took {used:g} (more than 10x the damping asked "
+                "for), which pulls the rounding toward plain RTN: check the calibration "
+                "statistics", stacklevel=2)
+    return (qw, info) if return_info else qw
+
+
+def gptq_with_columns(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp, block_size: int = 128,
+                      act_order: bool = False, static_groups: bool = False,
+                      factor: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                      ) -> tuple[QuantizedWeight, GPTQInfo, jax.Array]:
+    """:func:`gptq` with ``return_info=True`` and the objective per output column as well
+    (``(d_out,)``, summing to ``info.objective``), for callers that add sums over split columns
+    in a fixed order; for use under ``jit`` (no warnings or errors from the values: check
+    ``info.cholesky_ok`` and ``info.damp_used``)."""
+    _check_args(w, hessian, spec, damp, block_size, act_order, factor)
+    return _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32), factor,
+                 spec=spec, block_size=block_size, act_order=act_order,
+                 static_groups=static_groups, with_objective=True)
+
+
+def _check_args(w, hessian, spec, damp, block_size, act_order, factor) -> None:
+    """:func:`gptq`'s argument checks (the value checks only on concrete arrays)."""
     check_kernel(w, spec)
     d_in = w.shape[0]
     if getattr(hessian, "shape", None) != (d_in, d_in):
@@ -385,19 +438,3 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, damp: float = 0.0
         if r_shape != (d_in, d_in):
             raise ValueError(f"factor: expected damped_factor(hessian, damp) = (R of shape ({d_in}, "
                              f"{d_in}), damp used, ok), got {len(factor)} items, R of shape {r_shape}")
-    qw, info = _gptq(jnp.asarray(w), jnp.asarray(hessian), jnp.asarray(damp, jnp.float32), factor,
-                     spec=spec, block_size=block_size, act_order=act_order,
-                     static_groups=static_groups, with_objective=return_info)
-    if is_concrete(info.cholesky_ok):
-        if not bool(info.cholesky_ok):
-            raise ValueError(
-                f"hessian of shape {tuple(hessian.shape)} is not positive definite even with "
-                f"damping {float(info.damp_used):g} x mean(diag H)")
-        used, asked = float(info.damp_used), float(damp)
-        if used > 10 * asked * (1 + 1e-4):     # the retries step by exactly 10x
-            warnings.warn(
-                f"gptq: the hessian of shape {tuple(hessian.shape)} did not factor with damping "
-                f"{asked:g} x mean(diag H); it took {used:g} (more than 10x the damping asked "
-                "for), which pulls the rounding toward plain RTN: check the calibration "
-                "statistics", stacklevel=2)
-    return (qw, info) if return_info else qw
